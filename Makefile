@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision first and pinned: PyPI's torchvision does not load beside other torch builds.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test venv bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/ichd-ray demo
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) bench/preprocess.py
+
+clean:
+	rm -rf demo_out .pytest_cache
