@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--studies", type=_positive_int, default=12)
     demo.add_argument("--slices", type=_positive_int, default=32)
+    demo.add_argument("--dicom-size", type=_positive_int, default=512, help="synthetic image side")
     demo.add_argument("--size", type=_positive_int, default=256, help="network input side")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out=args.out,
                 studies=args.studies,
                 slices=args.slices,
+                dicom_size=args.dicom_size,
                 input_size=args.size,
                 seed=args.seed,
                 workers=args.workers,

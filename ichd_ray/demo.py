@@ -98,6 +98,8 @@ def _labels_any(labels_csv: bytes) -> dict[str, int]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Synthesise, window, summarise. Returns the numbers it prints."""
+    # Synthetic patients only: a fixed salt keeps the demo quiet; real runs set their own.
+    os.environ.setdefault("ICHD_PATIENT_SALT", "ichd-ray-demo")
     data_uri = storage.join(cfg.out, "studies")
     print(f"[1/2] synthesising {cfg.studies} head-CT studies ({cfg.slices} slices, {cfg.dicom_size}px) into {data_uri}")
     synth = generate(

@@ -16,6 +16,7 @@ a widely used RSNA 2019 Kaggle kernel and is applied by default (``rsna_fix=Fals
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -188,12 +189,18 @@ def patient_salt(salt: str | None = None) -> str:
     env = os.environ.get("ICHD_PATIENT_SALT")
     if env:
         return env
+    _warn_development_salt()
+    return _DEV_SALT
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_development_salt() -> None:
+    """Once per process (warnings' own once-registry is reset by every catch_warnings block)."""
     warnings.warn(
         "ICHD_PATIENT_SALT is not set: PatientIDs are hashed with the fixed development salt; "
         "set a secret salt for real data",
-        stacklevel=3,
+        stacklevel=4,
     )
-    return _DEV_SALT
 
 
 def hash_patient_id(patient_id: str | None, salt: str | None = None) -> str | None:

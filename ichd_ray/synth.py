@@ -35,6 +35,7 @@ with ``ID_<SOPInstanceUID>_<subtype>``, 6 rows per image) and ``OUT/studies.csv`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import time
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from scipy.ndimage import gaussian_filter
 
 from ichd_ray import CLASSES, storage
@@ -79,7 +80,9 @@ class Difficulty:
         subtype_probs: per-subtype chance to be the first subtype of a bleeding study.
         extra_subtype_prob: chance of each further distinct subtype in a bleeding study.
         blood_hu: range of blood density.
-        noise_hu: standard deviation of the Gaussian image noise.
+        noise_hu: standard deviation of the Gaussian image noise at 256 x 256 sampling of the
+            field of view (per-pixel noise scales with the matrix size so the signal-to-noise ratio
+            seen by a network at a given input size does not depend on the DICOM matrix).
         extent_slices: range of a bleed's half-extent along z, in slices.
         size_scale: multiplies every bleed's in-plane size.
         positive_overlap: minimum z-overlap of a slice with a bleed for a positive label.
@@ -173,7 +176,9 @@ class StudyPlan:
 
 
 def _uid(seed: int, *parts: object) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[_UID_ROOT, str(seed), *map(str, parts)])
+    """A deterministic UUID-derived UID (2.25.<128-bit int>) from the seed and a path of parts."""
+    digest = hashlib.sha256("/".join([_UID_ROOT, str(seed), *map(str, parts)]).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def _patient_of(cfg: SynthConfig) -> list[int]:
@@ -282,16 +287,6 @@ def _profile(bleed: Bleed, i: int) -> float:
     return float(max(0.3, math.sqrt(max(0.0, 1.0 - d * d))))
 
 
-def slice_labels(plan: StudyPlan, i: int, diff: Difficulty) -> dict[str, int]:
-    """Ground-truth labels of slice i: a subtype is present where a bleed overlaps the slice enough."""
-    labels = {sub: 0 for sub in CLASSES}
-    for bleed in plan.bleeds:
-        if _overlap(bleed, i) >= diff.positive_overlap and _visible_in_slice(plan, bleed, i):
-            labels[bleed.subtype] = 1
-    labels["any"] = int(any(labels[s] for s in SUBTYPES))
-    return labels
-
-
 def _visible_in_slice(plan: StudyPlan, bleed: Bleed, i: int) -> bool:
     t = _slice_t(plan, i)
     if bleed.subtype == "intraventricular":
@@ -300,8 +295,15 @@ def _visible_in_slice(plan: StudyPlan, bleed: Bleed, i: int) -> bool:
     return -0.85 <= t <= 0.92
 
 
-def render_slice(plan: StudyPlan, i: int, diff: Difficulty, rng: np.random.Generator) -> np.ndarray:
-    """HU image (size x size, float32) of slice i."""
+def render_slice(
+    plan: StudyPlan, i: int, diff: Difficulty, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, int]]:
+    """HU image (size x size, float32) of slice i and its labels.
+
+    A subtype is labelled present where one of its bleeds overlaps the slice by at least
+    ``diff.positive_overlap`` of its thickness *and* covers at least 2 mm^2 of it as rendered, so a
+    label never marks blood that is not in the image.
+    """
     n = plan.size
     px = plan.fov_mm / n
     coords = (np.arange(n) - (n - 1) / 2) * px
@@ -360,20 +362,28 @@ def render_slice(plan: StudyPlan, i: int, diff: Difficulty, rng: np.random.Gener
             for side in (-1, 1):
                 hu[np.hypot(x - side * 8.0, y - 14.0) < 2.0] = 220.0
 
+    labels = {sub: 0 for sub in CLASSES}
+    soft_tissue = hu < 200  # blood displaces tissue, never bone or calcification
+    min_pixels = max(1, math.ceil(2.0 / (px * px)))
     for bleed in plan.bleeds:
         overlap = _overlap(bleed, i)
         if overlap <= 0 or not _visible_in_slice(plan, bleed, i):
             continue
         mask = _bleed_mask(bleed, plan, i, x, y, theta, depth, radius, brain, ventricles, sulci | fissure, a, b)
+        mask &= soft_tissue
+        if overlap >= diff.positive_overlap and mask.sum() >= min_pixels:
+            labels[bleed.subtype] = 1
         if bleed.subtype == "intraparenchymal":  # hypodense oedema rim
             rim = brain & ~mask & _blob(bleed, plan, i, x, y, grow=3.0)
             hu[rim] -= 8.0 * overlap
         # partial volume: the slice averages blood with what it displaces
         hu[mask] = overlap * bleed.blood_hu + (1.0 - overlap) * hu[mask]
 
-    hu = gaussian_filter(hu, sigma=0.6 * 256 / n + 0.2)
-    hu += rng.normal(0.0, diff.noise_hu, size=hu.shape)
-    return hu.astype(np.float32)
+    hu = gaussian_filter(hu, sigma=0.55 / px)  # ~0.55 mm of blur whatever the matrix size
+    # noise_hu is the noise at 256 x 256 sampling: white noise scaled so area-resizing to 256 gives it
+    hu += rng.normal(0.0, diff.noise_hu * n / 256, size=hu.shape)
+    labels["any"] = int(any(labels[sub] for sub in SUBTYPES))
+    return hu.astype(np.float32), labels
 
 
 def _blob(bleed: Bleed, plan: StudyPlan, i: int, x: np.ndarray, y: np.ndarray, grow: float = 0.0) -> np.ndarray:
@@ -489,7 +499,7 @@ def slice_dataset(plan: StudyPlan, i: int, hu: np.ndarray, seed: int) -> pydicom
     ds.PixelData = stored.tobytes()
     if plan.transfer_syntax != pydicom.uid.ExplicitVRLittleEndian:
         kwargs = {"encoding_plugin": "pylibjpeg"} if plan.transfer_syntax == pydicom.uid.RLELossless else {}
-        ds.compress(UID(plan.transfer_syntax), **kwargs)
+        ds.compress(UID(plan.transfer_syntax), generate_instance_uid=False, **kwargs)
     return ds
 
 
@@ -498,12 +508,12 @@ def render_study(cfg: SynthConfig, plan: StudyPlan) -> tuple[list[tuple[str, byt
     rng = np.random.default_rng([cfg.seed, plan.index, plan.noise_seed])
     files, labels, sops = [], [], []
     for i in range(plan.n_slices):
-        hu = render_slice(plan, i, cfg.difficulty, rng)
+        hu, slice_label = render_slice(plan, i, cfg.difficulty, rng)
         ds = slice_dataset(plan, i, hu, cfg.seed)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         files.append((f"{ds.SOPInstanceUID}.dcm", buf.getvalue()))
-        labels.append(slice_labels(plan, i, cfg.difficulty))
+        labels.append(slice_label)
         sops.append(str(ds.SOPInstanceUID))
     return files, labels, sops
 

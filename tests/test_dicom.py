@@ -102,6 +102,9 @@ def test_patient_hash_is_salted_and_stable(monkeypatch):
     monkeypatch.setenv("ICHD_PATIENT_SALT", "env-salt")
     assert hash_patient_id("P1") == hash_patient_id("P1", "env-salt")
     monkeypatch.delenv("ICHD_PATIENT_SALT")
+    import ichd_ray.dicom as dicom
+
+    dicom._warn_development_salt.cache_clear()
     with pytest.warns(UserWarning, match="ICHD_PATIENT_SALT"):
         dev = hash_patient_id("P1")
     assert dev == hash_patient_id("P1", "ichd-ray-development-salt")

@@ -1,0 +1,61 @@
+"""Shared pytest fixtures: an in-process moto S3 server and fresh buckets on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+# Set before any ichd_ray import so PatientID hashing doesn't warn about the development salt.
+os.environ.setdefault("ICHD_PATIENT_SALT", "test-salt")
+
+from ichd_ray.storage import StorageConfig, boto3_client  # noqa: E402
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 endpoint and the config that reaches it."""
+
+    endpoint_url: str
+    config: StorageConfig
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 over HTTP on 127.0.0.1, for the whole session (real HTTP, so pyarrow's C++ client works)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint_url = f"http://127.0.0.1:{port}"
+    config = StorageConfig(
+        endpoint_url=endpoint_url,
+        region="us-east-1",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    try:
+        yield S3Server(endpoint_url=endpoint_url, config=config)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[tuple[str, StorageConfig]]:
+    """A new empty bucket per test: ``(bucket_name, config)``."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    boto3_client(s3_server.config).create_bucket(Bucket=name)
+    yield name, s3_server.config
