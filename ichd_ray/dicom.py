@@ -37,6 +37,7 @@ from pydicom.uid import UID
 __all__ = [
     "REJECT_REASONS",
     "DicomError",
+    "IncompleteHeader",
     "SliceMeta",
     "CtSlice",
     "ParsedDicom",
@@ -89,6 +90,17 @@ _NATIVE_SYNTAXES = {
     pydicom.uid.ExplicitVRLittleEndian,
     pydicom.uid.ExplicitVRBigEndian,
 }
+
+
+class IncompleteHeader(Exception):
+    """A prefix given to :func:`read_header` ends before the pixel data: read more bytes (or all)."""
+
+    def __init__(self, source: str, have: int) -> None:
+        self.source, self.have = source, have
+        super().__init__(f"{source}: header extends past the first {have} bytes")
+
+    def __reduce__(self):
+        return (IncompleteHeader, (self.source, self.have))
 
 
 class DicomError(ValueError):
@@ -161,6 +173,7 @@ class ParsedDicom:
     pixel_length: int | None  # value length; None when encapsulated
     encapsulated: bool
     meta: SliceMeta | None = None
+    complete: bool = True  # False when parsed from a prefix: headers only, no decoding
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -315,14 +328,18 @@ def _walk_encapsulated(data: bytes, start: int, name: str) -> int:
         pos += 8 + length
 
 
-def parse_dicom(data: bytes, name: str = "<bytes>") -> ParsedDicom:
+def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = None) -> ParsedDicom:
     """Parse the header and locate the pixel data; raises ``empty``, ``not_dicom`` or ``truncated``.
 
     Args:
-        data: the whole file, or (for header-only use) a prefix of it.
+        data: the whole file, or (for header-only use, with ``total_size``) a prefix of it.
         name: file name or URI used in errors.
+        total_size: size of the whole object when ``data`` is a prefix (a byte-range read): checks
+            then use it, and :class:`IncompleteHeader` asks for more bytes if the prefix ends before
+            the pixel data element.
     """
-    if len(data) == 0:
+    prefix = total_size is not None and total_size > len(data)
+    if total_size == 0 or len(data) == 0:
         raise DicomError("empty", name, "0 bytes")
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
     if not has_preamble and not _looks_like_raw_dataset(data):
@@ -339,9 +356,14 @@ def parse_dicom(data: bytes, name: str = "<bytes>") -> ParsedDicom:
             raise DicomError("not_dicom", name, f"unreadable header: {type(exc).__name__}: {exc}") from None
     if not has_preamble and _value(ds, "SOPClassUID") is None and _value(ds, "Modality") is None:
         raise DicomError("not_dicom", name, "no SOPClassUID or Modality in header")
-    _check_raw_lengths(ds, name)
-    if getattr(ds, "file_meta", None) is not None:
-        _check_raw_lengths(ds.file_meta, name)
+    try:
+        _check_raw_lengths(ds, name)
+        if getattr(ds, "file_meta", None) is not None:
+            _check_raw_lengths(ds.file_meta, name)
+    except DicomError:
+        if prefix:
+            raise IncompleteHeader(name, len(data)) from None
+        raise
 
     meta_ts = _value(ds.file_meta, "TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
     is_implicit, is_little = ds.original_encoding
@@ -356,6 +378,9 @@ def parse_dicom(data: bytes, name: str = "<bytes>") -> ParsedDicom:
     pixel_offset = pixel_length = None
     encapsulated = False
     pos, n = fp.tell(), len(data)
+    if prefix and (pos >= n or n - pos < 12 or ts == pydicom.uid.DeflatedExplicitVRLittleEndian):
+        raise IncompleteHeader(name, n)
+    size = total_size if prefix else n
     if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
         # Offsets refer to the inflated stream: let pydicom read it whole (rare syntax).
         full = _full_read(data, name)
@@ -380,14 +405,14 @@ def parse_dicom(data: bytes, name: str = "<bytes>") -> ParsedDicom:
             if length == 0xFFFFFFFF:
                 encapsulated = True
             else:
-                if pixel_offset + length > n:
+                if pixel_offset + length > size:
                     raise DicomError(
-                        "truncated", name, f"pixel data claims {length} bytes, {n - pixel_offset} present"
+                        "truncated", name, f"pixel data claims {length} bytes, {size - pixel_offset} present"
                     )
                 pixel_length = length
         elif tag in _FLOAT_PIXEL_TAGS:
             pixel_offset = None  # float pixel data: not a CT image; reported as no_pixel_data
-    return ParsedDicom(name, data, ds, ts, pixel_offset, pixel_length, encapsulated)
+    return ParsedDicom(name, data, ds, ts, pixel_offset, pixel_length, encapsulated, complete=not prefix)
 
 
 def _full_read(data: bytes, name: str) -> pydicom.Dataset:
@@ -510,7 +535,9 @@ def _check_pixels(parsed: ParsedDicom, meta: SliceMeta) -> None:
         )
 
 
-def read_header(source: Source, *, name: str | None = None, salt: str | None = None) -> SliceMeta:
+def read_header(
+    source: Source, *, name: str | None = None, salt: str | None = None, total_size: int | None = None
+) -> SliceMeta:
     """Header fields of a CT slice without decoding pixels; raises :class:`DicomError` on rejection.
 
     Checks everything up to and including ``missing_codec`` (the pixel data's presence, size and codec
@@ -520,9 +547,11 @@ def read_header(source: Source, *, name: str | None = None, salt: str | None = N
         source: bytes, a local path, or a storage URI.
         name: name to report in errors (default: the path, or ``<bytes>``).
         salt: PatientID salt (default ``ICHD_PATIENT_SALT``).
+        total_size: the object's size when ``source`` holds only its first bytes (a ranged GET);
+            raises :class:`IncompleteHeader` when they end before the pixel data element.
     """
     data, label = read_source(source, name)
-    return check_header(parse_dicom(data, label), salt)
+    return check_header(parse_dicom(data, label, total_size), salt)
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -542,6 +571,8 @@ def _correct_unused_bits(arr: np.ndarray, bits_stored: int, bits_allocated: int)
 
 def decode_stored(parsed: ParsedDicom) -> np.ndarray:
     """Stored pixel values (rows, cols) as signed/unsigned integers; a read-only view when uncompressed."""
+    if not parsed.complete:
+        raise ValueError(f"{parsed.name}: parsed from a prefix; decoding needs the whole file")
     meta = parsed.meta if parsed.meta is not None else _slice_meta(parsed.dataset, parsed.transfer_syntax, None)
     name = parsed.name
     dtype = np.dtype(_DTYPES[(meta.bits_allocated, 1 if meta.pixel_representation else 0)])

@@ -323,3 +323,17 @@ def test_read_header_reads_no_pixels(tmp_path, monkeypatch):
     meta = read_header(data)
     assert (meta.rows, meta.cols, meta.sop_uid) == (64, 64, pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
     assert os.environ.get("ICHD_PATIENT_SALT")  # set by conftest: no salt warnings in tests
+
+
+def test_read_header_from_a_prefix_of_the_object():
+    from ichd_ray.dicom import IncompleteHeader
+
+    for data in (ct_bytes(head_like(64)), Path(get_testdata_file("693_J2KR.dcm")).read_bytes()):
+        full = read_header(data)
+        assert read_header(data[:4096], total_size=len(data)) == full
+        with pytest.raises(IncompleteHeader, match="first 200 bytes"):
+            read_header(data[:200], total_size=len(data))
+    # a prefix still catches an object whose pixel data is cut short
+    cut = ct_bytes(head_like(64))
+    with pytest.raises(DicomError, match="truncated"):
+        read_header(cut[:4096], total_size=len(cut) - 10)
