@@ -424,7 +424,7 @@ def _full_read(data: bytes, name: str) -> pydicom.Dataset:
             raise DicomError("decode_error", name, f"{type(exc).__name__}: {exc}") from None
 
 
-def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None) -> SliceMeta:
+def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None, hash_patient: bool = True) -> SliceMeta:
     ipp = _floats(_value(ds, "ImagePositionPatient"), 3)
     iop = _floats(_value(ds, "ImageOrientationPatient"), 6)
     position = None
@@ -446,7 +446,7 @@ def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None) -> SliceMeta:
         study_uid=str(_value(ds, "StudyInstanceUID", "")),
         series_uid=str(_value(ds, "SeriesInstanceUID", "")),
         sop_uid=str(_value(ds, "SOPInstanceUID", "")),
-        patient_hash=hash_patient_id(_value(ds, "PatientID"), salt),
+        patient_hash=hash_patient_id(_value(ds, "PatientID"), salt) if hash_patient else None,
         position=position,
         instance_number=_int(_value(ds, "InstanceNumber")),
         pixel_spacing=spacing,  # type: ignore[arg-type]
@@ -466,15 +466,17 @@ def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None) -> SliceMeta:
     )
 
 
-def check_header(parsed: ParsedDicom, salt: str | None = None) -> SliceMeta:
+def check_header(parsed: ParsedDicom, salt: str | None = None, *, hash_patient: bool = True) -> SliceMeta:
     """Header-level rejections, in order: not_ct, localizer, derived, multi_frame, no_pixel_data,
-    pixel_size_mismatch, missing_codec. Sets and returns ``parsed.meta``."""
+    pixel_size_mismatch, missing_codec. Sets and returns ``parsed.meta``.
+
+    ``hash_patient=False`` leaves ``patient_hash`` empty (the pixel path never needs it)."""
     with warnings.catch_warnings():  # pydicom warns on every odd value it converts
         warnings.filterwarnings("ignore", module="pydicom")
-        return _check_header(parsed, salt)
+        return _check_header(parsed, salt, hash_patient)
 
 
-def _check_header(parsed: ParsedDicom, salt: str | None) -> SliceMeta:
+def _check_header(parsed: ParsedDicom, salt: str | None, hash_patient: bool = True) -> SliceMeta:
     ds, name = parsed.dataset, parsed.name
     modality = str(_value(ds, "Modality", "")).strip().upper()
     sop_class = str(_value(ds, "SOPClassUID", "")).strip()
@@ -485,7 +487,7 @@ def _check_header(parsed: ParsedDicom, salt: str | None) -> SliceMeta:
         raise DicomError("not_ct", name, f"SOP class {label}")
     if not modality and not sop_class:
         raise DicomError("not_ct", name, "no Modality and no SOP class")
-    meta = _slice_meta(ds, parsed.transfer_syntax, salt)
+    meta = _slice_meta(ds, parsed.transfer_syntax, salt, hash_patient)
     if _LOCALIZER_TOKENS & set(meta.image_type):
         raise DicomError("localizer", name, "ImageType " + "\\".join(meta.image_type))
     if meta.image_type and meta.image_type[0] == "DERIVED":
@@ -573,7 +575,7 @@ def decode_stored(parsed: ParsedDicom) -> np.ndarray:
     """Stored pixel values (rows, cols) as signed/unsigned integers; a read-only view when uncompressed."""
     if not parsed.complete:
         raise ValueError(f"{parsed.name}: parsed from a prefix; decoding needs the whole file")
-    meta = parsed.meta if parsed.meta is not None else _slice_meta(parsed.dataset, parsed.transfer_syntax, None)
+    meta = parsed.meta if parsed.meta is not None else _slice_meta(parsed.dataset, parsed.transfer_syntax, None, False)
     name = parsed.name
     dtype = np.dtype(_DTYPES[(meta.bits_allocated, 1 if meta.pixel_representation else 0)])
     if parsed.transfer_syntax in _NATIVE_SYNTAXES and parsed.pixel_offset is not None:

@@ -97,7 +97,7 @@ def preprocess_slice(
     """
     data, label = read_source(source, name)
     parsed = parse_dicom(data, label)
-    meta = check_header(parsed)
+    meta = check_header(parsed, hash_patient=False)
     stored = decode_stored(parsed)
     windows = tuple(windows)
     rows, cols = stored.shape

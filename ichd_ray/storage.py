@@ -201,6 +201,17 @@ class StorageConfig:
                 d[key] = None
         return d
 
+    def for_workers(self) -> dict[str, Any]:
+        """What travels to Ray workers (task and actor arguments): no credentials. Workers rebuild
+        with :meth:`on_worker` and take credentials from their own environment or instance role,
+        so secrets never sit in task arguments or the dashboard."""
+        return self.to_dict(include_secrets=False)
+
+    @classmethod
+    def on_worker(cls, d: dict[str, Any] | None) -> StorageConfig:
+        """Inverse of :meth:`for_workers`, filling credentials from the worker's environment."""
+        return cls.from_env(**(d or {}))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> StorageConfig:
         """Inverse of :meth:`to_dict`.
@@ -484,12 +495,13 @@ class FileEntry:
     etag: str | None
 
 
-def read_bytes(uri: UriLike, config: StorageConfig | None = None) -> bytes:
-    """Read a whole file or object.
+def read_bytes(uri: UriLike, config: StorageConfig | None = None, *, length: int | None = None) -> bytes:
+    """Read a whole file or object, or only its first ``length`` bytes (one ranged GET on S3).
 
     Args:
         uri: Local path, ``file://`` or ``s3://`` URI.
         config: S3 settings; None means :meth:`StorageConfig.from_env`.
+        length: read at most this many bytes from the start (headers without pixel data).
 
     Returns:
         bytes: The content.
@@ -503,14 +515,15 @@ def read_bytes(uri: UriLike, config: StorageConfig | None = None) -> bytes:
     if scheme == "file":
         try:
             with open(path, "rb") as fh:
-                return fh.read()
+                return fh.read() if length is None else fh.read(length)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "No such file", text) from None
     bucket, key = _split_s3(path)
     if not key:
         raise IsADirectoryError(errno.EISDIR, "Not an object (no key)", text)
     try:
-        response = boto3_client(config).get_object(Bucket=bucket, Key=key)
+        ranged = {} if length is None else {"Range": f"bytes=0-{max(length, 1) - 1}"}
+        response = boto3_client(config).get_object(Bucket=bucket, Key=key, **ranged)
         with response["Body"] as body:
             return body.read()
     except _client_error_type() as exc:

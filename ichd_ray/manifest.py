@@ -1,0 +1,271 @@
+"""The index stage: list objects, read headers only (in parallel on Ray), select one series per study.
+
+One row per object: where it is (uri, size, mtime, etag), what it is (UIDs, hashed PatientID, position
+along the slice normal, geometry, transfer syntax) and, when it cannot be scored, why (``reason``,
+``message``). Grouping by study happens on this small table, never on pixels.
+
+Series selection per study (pure function :func:`select_series`, documented rule):
+
+1. only accepted CT images take part (localizers, derived images, other modalities were rejected by
+   the header checks); a SOPInstanceUID seen twice keeps its first object (by URI) and the others get
+   ``duplicate``;
+2. a series whose slice normal is more than 35 degrees off the head's z axis is not axial:
+   ``other_series``;
+3. among the remaining series of a study, the one whose median SliceThickness is nearest
+   ``preferred_thickness_mm`` (default 5 mm, the RSNA reconstructions) wins, then the one with most
+   slices, then the lowest SeriesInstanceUID; the other series' objects get ``other_series``;
+4. the chosen series is ordered by position along the slice normal (ties: InstanceNumber, then
+   SOPInstanceUID) and numbered ``slice_index`` 0 = lowest position. Never by InstanceNumber or file
+   name alone: where a position is missing the whole series falls back to InstanceNumber.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ichd_ray import storage
+from ichd_ray.config import IndexConfig
+from ichd_ray.dicom import DicomError, IncompleteHeader, read_header
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "list_inputs",
+    "read_headers",
+    "select_series",
+    "build_manifest",
+    "write_manifest",
+    "read_manifest",
+    "study_table",
+]
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("size", pa.int64()),
+        ("mtime", pa.float64()),
+        ("etag", pa.string()),
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("sop_uid", pa.string()),
+        ("patient_hash", pa.string()),
+        ("position", pa.float64()),
+        ("instance_number", pa.int64()),
+        ("rows", pa.int32()),
+        ("cols", pa.int32()),
+        ("pixel_spacing", pa.float64()),
+        ("slice_thickness", pa.float64()),
+        ("normal_z", pa.float64()),
+        ("image_type", pa.string()),
+        ("transfer_syntax", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+        ("selected", pa.bool_()),
+        ("slice_index", pa.int32()),
+    ]
+)
+_AXIAL_MIN_NORMAL_Z = math.cos(math.radians(35))
+
+
+def list_inputs(
+    input_uri: str, config: IndexConfig, storage_config: storage.StorageConfig | None = None
+) -> list[storage.FileEntry]:
+    """Objects under a prefix (or the URIs named in a manifest file: ``.txt`` one per line, or
+    ``.parquet`` with a ``uri`` column), minus side files by suffix (labels, notes)."""
+    if input_uri.endswith((".txt", ".parquet")) and storage.exists(input_uri, storage_config) and not input_uri.endswith("/"):
+        uris = _uris_from_manifest(input_uri, storage_config)
+        return [_entry_of(uri, storage_config) for uri in uris]
+    entries = storage.list_files(input_uri, config=storage_config)
+    excluded = tuple(s.lower() for s in config.exclude_suffixes)
+    return [e for e in entries if not e.uri.lower().endswith(excluded)]
+
+
+def _uris_from_manifest(uri: str, storage_config) -> list[str]:
+    if uri.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(uri, storage_config)
+        return [u for u in pq.read_table(path, filesystem=fs, columns=["uri"]).column("uri").to_pylist() if u]
+    text = storage.read_bytes(uri, storage_config).decode("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _entry_of(uri: str, storage_config) -> storage.FileEntry:
+    found = storage.list_files(uri, config=storage_config)
+    match = [e for e in found if e.uri == uri]
+    if match:
+        return match[0]
+    return storage.FileEntry(uri=uri, size=-1, mtime=None, etag=None)  # read fails later: read_error
+
+
+def _header_row(entry: dict[str, Any], header_bytes: int, salt: str, storage_config) -> dict[str, Any]:
+    row: dict[str, Any] = {name: None for name in MANIFEST_SCHEMA.names}
+    row.update(uri=entry["uri"], size=entry["size"], mtime=entry["mtime"], etag=entry["etag"], selected=False)
+    try:
+        if entry["size"] == 0:
+            meta = read_header(b"", name=entry["uri"], salt=salt)
+        else:
+            data = storage.read_bytes(entry["uri"], storage_config, length=header_bytes)
+            size = entry["size"] if entry["size"] and entry["size"] > 0 else None
+            try:
+                meta = read_header(data, name=entry["uri"], salt=salt, total_size=size)
+            except IncompleteHeader:  # a long header (big private tags): read the whole object
+                meta = read_header(storage.read_bytes(entry["uri"], storage_config), name=entry["uri"], salt=salt)
+    except DicomError as exc:
+        row.update(reason=exc.reason, message=exc.message)
+        return row
+    except OSError as exc:
+        row.update(reason="read_error", message=f"{type(exc).__name__}: {exc}")
+        return row
+    except Exception as exc:  # never let one object stop the index
+        row.update(reason="internal_error", message=f"{type(exc).__name__}: {exc}")
+        return row
+    iop = meta.image_orientation
+    normal_z = None
+    if iop is not None:
+        normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+        norm = float(np.linalg.norm(normal))
+        normal_z = abs(float(normal[2]) / norm) if norm > 1e-6 else None
+    row.update(
+        study_uid=meta.study_uid,
+        series_uid=meta.series_uid,
+        sop_uid=meta.sop_uid,
+        patient_hash=meta.patient_hash,
+        position=meta.position,
+        instance_number=meta.instance_number,
+        rows=meta.rows,
+        cols=meta.cols,
+        pixel_spacing=meta.pixel_spacing[0] if meta.pixel_spacing else None,
+        slice_thickness=meta.slice_thickness,
+        normal_z=normal_z,
+        image_type="\\".join(meta.image_type),
+        transfer_syntax=meta.transfer_syntax,
+    )
+    return row
+
+
+def read_headers(
+    entries: Iterable[dict[str, Any]], header_bytes: int, salt: str, storage_config=None
+) -> pd.DataFrame:
+    """Header rows for a batch of listing entries (``uri``, ``size``, ``mtime``, ``etag``)."""
+    rows = [_header_row(e, header_bytes, salt, storage_config) for e in entries]
+    return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+
+
+def select_series(headers: pd.DataFrame, preferred_thickness_mm: float = 5.0) -> pd.DataFrame:
+    """Apply the series rule (module docstring); returns the table with ``reason``, ``message``,
+    ``selected`` and ``slice_index`` filled in. Pure: no I/O."""
+    df = headers.copy().sort_values("uri", kind="stable").reset_index(drop=True)
+    df["selected"] = False
+    df["slice_index"] = pd.array([None] * len(df), dtype="Int32")
+    ok = df["reason"].isna()
+
+    dup = ok & df.duplicated(subset=["sop_uid"], keep="first") & df["sop_uid"].notna()
+    first_uri = df[ok & ~dup].drop_duplicates("sop_uid").set_index("sop_uid")["uri"]
+    df.loc[dup, "reason"] = "duplicate"
+    df.loc[dup, "message"] = [f"SOPInstanceUID also in {first_uri.get(s)}" for s in df.loc[dup, "sop_uid"]]
+
+    ok = df["reason"].isna()
+    not_axial = ok & df["normal_z"].notna() & (df["normal_z"] < _AXIAL_MIN_NORMAL_Z)
+    df.loc[not_axial, "reason"] = "other_series"
+    df.loc[not_axial, "message"] = "not an axial series (slice normal more than 35 degrees from z)"
+
+    ok = df["reason"].isna()
+    for study_uid, study in df[ok].groupby("study_uid", sort=True):
+        series_stats = []
+        for series_uid, series in study.groupby("series_uid", sort=True):
+            thickness = series["slice_thickness"].median()
+            distance = abs(thickness - preferred_thickness_mm) if pd.notna(thickness) else math.inf
+            series_stats.append((distance, -len(series), series_uid))
+        chosen = min(series_stats)[2]
+        for _, _, series_uid in series_stats:
+            idx = study.index[study["series_uid"] == series_uid]
+            if series_uid != chosen:
+                df.loc[idx, "reason"] = "other_series"
+                df.loc[idx, "message"] = f"study {study_uid} scored with series {chosen} (rule: thickness nearest {preferred_thickness_mm:g} mm, then most slices)"
+                continue
+            series = df.loc[idx]
+            if series["position"].notna().all():
+                order = series.sort_values(["position", "instance_number", "sop_uid"], kind="stable", na_position="last")
+            else:
+                order = series.sort_values(["instance_number", "sop_uid"], kind="stable", na_position="last")
+            df.loc[order.index, "slice_index"] = np.arange(len(order), dtype=np.int32)
+            df.loc[order.index, "selected"] = True
+    return df
+
+
+def build_manifest(
+    input_uri: str,
+    config: IndexConfig,
+    storage_config: storage.StorageConfig | None = None,
+    salt: str | None = None,
+) -> pd.DataFrame:
+    """List, read headers on Ray (``files_per_task`` objects per task) and select series."""
+    import ray
+
+    from ichd_ray.dicom import patient_salt
+
+    salt = patient_salt(salt)
+    entries = list_inputs(input_uri, config, storage_config)
+    if not entries:
+        return select_series(pd.DataFrame(columns=MANIFEST_SCHEMA.names), config.preferred_thickness_mm)
+    items = [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries]
+    chunks = [items[i : i + config.files_per_task] for i in range(0, len(items), config.files_per_task)]
+    cfg_dict = storage_config.for_workers() if storage_config else None
+
+    @ray.remote(num_cpus=0.5, max_retries=3)
+    def read_chunk(chunk: list[dict[str, Any]]) -> pd.DataFrame:
+        sc = storage.StorageConfig.on_worker(cfg_dict)
+        return read_headers(chunk, config.header_bytes, salt, sc)
+
+    frames = ray.get([read_chunk.remote(chunk) for chunk in chunks])
+    headers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_SCHEMA.names)
+    return select_series(headers, config.preferred_thickness_mm)
+
+
+def to_arrow(manifest: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(manifest[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
+
+
+def write_manifest(manifest: pd.DataFrame, uri: str, storage_config=None) -> None:
+    """One Parquet object (written whole, so readers never see a partial manifest)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(to_arrow(manifest), sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes(), storage_config)
+
+
+def read_manifest(uri: str, storage_config=None) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(uri, storage_config)))
+    missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{uri}: not an ichd-ray manifest (missing columns {sorted(missing)})")
+    return table.to_pandas()
+
+
+def study_table(manifest: pd.DataFrame) -> list[dict[str, Any]]:
+    """One row per selected study: its slice URIs, SOP UIDs and positions in z order."""
+    selected = manifest[manifest["selected"].astype(bool)].sort_values(["study_uid", "slice_index"])
+    studies = []
+    for (study_uid, series_uid), group in selected.groupby(["study_uid", "series_uid"], sort=True):
+        positions = group["position"].astype(float)
+        if positions.isna().any():  # ordered by InstanceNumber: space slices evenly
+            positions = pd.Series(np.arange(len(group), dtype=float) * 5.0, index=group.index)
+        studies.append(
+            {
+                "study_uid": study_uid,
+                "series_uid": series_uid,
+                "uris": group["uri"].tolist(),
+                "sop_uids": group["sop_uid"].tolist(),
+                "positions": positions.tolist(),
+                "slice_indices": group["slice_index"].astype(int).tolist(),
+            }
+        )
+    return studies

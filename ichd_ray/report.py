@@ -1,0 +1,48 @@
+"""Reading results: DuckDB over committed runs (local or S3), and the end-of-run summary.
+
+S3 goes through DuckDB's fsspec registration (s3fs with our StorageConfig), so no DuckDB network
+extension is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ichd_ray import storage
+from ichd_ray.outputs import views_sql
+
+__all__ = ["connect", "query", "format_summary"]
+
+
+def connect(out_uri: str, storage_config: storage.StorageConfig | None = None):
+    """A DuckDB connection with the views ``runs``, ``slices``, ``studies``, ``errors`` over OUT."""
+    import duckdb
+
+    con = duckdb.connect()
+    scheme, _ = storage.parse_uri(out_uri)
+    if scheme == "s3":
+        con.register_filesystem(storage.fsspec_filesystem(out_uri, storage_config))
+    con.execute(views_sql(out_uri if scheme == "s3" else storage.parse_uri(out_uri)[1]))
+    return con
+
+
+def query(out_uri: str, sql: str, storage_config: storage.StorageConfig | None = None):
+    """Run SQL against the views; returns a pandas DataFrame."""
+    return connect(out_uri, storage_config).execute(sql).df()
+
+
+def format_summary(summary: Any) -> str:
+    """The lines printed at the end of a scoring run, with a query to paste."""
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(summary.reasons.items())) or "none"
+    root = summary.out_uri.rstrip("/")
+    lines = [
+        f"run {summary.run_id} (attempt {summary.attempt}): {summary.status}",
+        f"  inputs {summary.n_inputs} = scored slices {summary.n_slices_scored} + rejected {summary.n_rejected}",
+        f"  studies scored {summary.n_studies}; {summary.slices_per_s:.1f} slices/s over {summary.seconds:.1f} s",
+        f"  rejected by reason: {reasons}",
+        f"  tables: {root}/{{slices,studies,errors}}/run_id={summary.run_id}/  committed by {summary.run_uri}",
+        "  query it (DuckDB):",
+        f"    ichd-ray results {root} --sql \"SELECT study_uid, n_slices, round(p_any, 3) AS p_any, flagged "
+        f"FROM studies WHERE run_id = '{summary.run_id}' ORDER BY p_any DESC LIMIT 10\"",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+-- ichd-ray result views for DuckDB: committed attempts only.
+-- A data file is visible only when runs/run_id=<id>/run.parquet names its attempt, so a crashed or
+-- in-flight run never shows through these views. {root} is the OUT prefix (local path or s3://...).
+
+CREATE OR REPLACE VIEW runs AS
+SELECT * FROM read_parquet('{root}/runs/*/run.parquet', hive_partitioning = false, union_by_name = true);
+
+CREATE OR REPLACE VIEW slices AS
+SELECT t.* EXCLUDE (attempt)
+FROM read_parquet('{root}/slices/*/*/*.parquet', hive_partitioning = true, union_by_name = true) AS t
+JOIN runs AS r ON t.run_id = r.run_id AND t.attempt = r.attempt;
+
+CREATE OR REPLACE VIEW studies AS
+SELECT t.* EXCLUDE (attempt)
+FROM read_parquet('{root}/studies/*/*/*.parquet', hive_partitioning = true, union_by_name = true) AS t
+JOIN runs AS r ON t.run_id = r.run_id AND t.attempt = r.attempt;
+
+CREATE OR REPLACE VIEW errors AS
+SELECT t.* EXCLUDE (attempt)
+FROM read_parquet('{root}/errors/*/*/*.parquet', hive_partitioning = true, union_by_name = true) AS t
+JOIN runs AS r ON t.run_id = r.run_id AND t.attempt = r.attempt;
