@@ -64,6 +64,42 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
     _storage_args(synth)
 
+    index = sub.add_parser("index", help="read headers only and write a manifest (one row per object)")
+    index.add_argument("input", help="prefix to list (local, file://, s3://) or a .txt/.parquet list of URIs")
+    index.add_argument("--out", required=True, help="manifest Parquet to write")
+    index.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    _storage_args(index)
+
+    score = sub.add_parser("score", help="score every study under INPUT with a model bundle")
+    score.add_argument("input", nargs="?", help="prefix to list, or a .txt/.parquet list of URIs")
+    score.add_argument("--model", required=True, help="model bundle URI")
+    score.add_argument("--out", required=True, help="output prefix for the result tables")
+    score.add_argument("--run-id", help="default: score-<UTC timestamp>; re-using one replaces that run")
+    score.add_argument("--manifest", help="use this manifest instead of indexing INPUT")
+    score.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    score.add_argument("--write-embeddings", action="store_true", default=None)
+    score.add_argument("--num-actors", type=_positive_int)
+    score.add_argument("--num-gpus-per-actor", type=float)
+    score.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    score.add_argument("--no-progress", action="store_true")
+    _storage_args(score)
+
+    model = sub.add_parser("model", help="model bundles")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    init = model_sub.add_parser("init", help="write an untrained bundle (or one from local timm weights)")
+    init.add_argument("out", help="bundle URI (folder or prefix)")
+    init.add_argument("--backbone", required=True, help="timm model name, e.g. densenet121, resnet10t")
+    init.add_argument("--weights", help="local .safetensors of pretrained timm weights for the backbone")
+    init.add_argument("--folds", type=_positive_int, default=1)
+    init.add_argument("--input-size", type=_positive_int, default=256)
+    init.add_argument("--seed", type=int, default=0)
+    _storage_args(init)
+
+    results = sub.add_parser("results", help="query committed result tables with DuckDB")
+    results.add_argument("out", help="output prefix of a scoring run")
+    results.add_argument("--sql", default="SELECT run_id, status, model_version, n_studies, n_slices_scored, n_rejected, finished_at FROM runs ORDER BY finished_at DESC")
+    _storage_args(results)
+
     demo = sub.add_parser("demo", help="the embedded default: synthesise a small set and window it")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--studies", type=_positive_int, default=12)
@@ -95,6 +131,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary.pop("config")
         print(json.dumps(summary, indent=2))
         return 0
+    if args.command in ("index", "score"):
+        return _index_or_score(args)
+    if args.command == "model":
+        from ichd_ray.models.bundle import init_bundle
+
+        config = init_bundle(
+            args.out,
+            args.backbone,
+            folds=args.folds,
+            input_size=args.input_size,
+            weights_path=args.weights,
+            seed=args.seed,
+            storage_config=_storage_config(args),
+        )
+        print(f"wrote bundle {args.out}: version {config.version_id}, backbone {config.backbone}, {config.folds} fold(s)")
+        return 0
+    if args.command == "results":
+        import pandas as pd
+
+        from ichd_ray.report import query
+
+        with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
+            print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
+        return 0
     if args.command == "demo":
         from ichd_ray.demo import DemoConfig, run_demo
 
@@ -111,6 +171,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     raise AssertionError(args.command)
+
+
+def _index_or_score(args: argparse.Namespace) -> int:
+    from ichd_ray.config import ConfigError, load_job_config
+
+    storage_overrides = {"endpoint_url": args.endpoint_url, "region": args.region}
+    score_overrides = {}
+    if args.command == "score":
+        score_overrides = {
+            "write_embeddings": args.write_embeddings,
+            "num_actors": args.num_actors,
+            "num_gpus_per_actor": args.num_gpus_per_actor,
+            "device": args.device,
+        }
+    try:  # validated before Ray starts
+        job = load_job_config(args.config, {"storage": storage_overrides, "score": score_overrides})
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ichd-ray {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "score" and not (args.input or args.manifest):
+        print("ichd-ray score: give INPUT or --manifest", file=sys.stderr)
+        return 2
+
+    from ichd_ray.ray_session import init_ray
+
+    init_ray(job.ray)
+    if args.command == "index":
+        from ichd_ray.manifest import build_manifest, write_manifest
+
+        sc = job.storage.storage_config()
+        manifest = build_manifest(args.input, job.index, sc)
+        write_manifest(manifest, args.out, sc)
+        counts = manifest["reason"].fillna("selected").value_counts().to_dict()
+        studies = manifest.loc[manifest["selected"].astype(bool), "study_uid"].nunique()
+        print(f"indexed {len(manifest)} objects, {studies} studies -> {args.out}")
+        print("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return 0
+
+    from ichd_ray.report import format_summary
+    from ichd_ray.score import score_job
+
+    summary = score_job(
+        args.input,
+        args.model,
+        args.out,
+        job=job,
+        run_id=args.run_id,
+        manifest_uri=args.manifest,
+        progress=not args.no_progress,
+    )
+    print(format_summary(summary))
+    return 0 if summary.status == "succeeded" else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ field fails at once with its dotted name and what is allowed::
       cnn_chunk: 64                # slices per CNN forward pass (bounds memory for long studies)
       device: auto                 # auto | cpu | cuda
       write_embeddings: false
-      max_task_retries: 3
     storage:
       endpoint_url: null           # else AWS_ENDPOINT_URL
       region: null
@@ -77,7 +76,6 @@ class ScoreConfig:
     cnn_chunk: int = 64
     device: str = "auto"
     write_embeddings: bool = False
-    max_task_retries: int = 3
 
     def validate(self, prefix: str = "score") -> None:
         _require(self.num_actors >= 1, f"{prefix}.num_actors", "an integer >= 1", self.num_actors)
@@ -87,7 +85,6 @@ class ScoreConfig:
         _require(self.studies_per_task >= 1, f"{prefix}.studies_per_task", "an integer >= 1", self.studies_per_task)
         _require(self.cnn_chunk >= 1, f"{prefix}.cnn_chunk", "an integer >= 1", self.cnn_chunk)
         _require(self.device in DEVICES, f"{prefix}.device", f"one of {list(DEVICES)}", self.device)
-        _require(self.max_task_retries >= 0, f"{prefix}.max_task_retries", "an integer >= 0", self.max_task_retries)
 
 
 @dataclass(frozen=True)

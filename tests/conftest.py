@@ -59,3 +59,30 @@ def s3_bucket(s3_server: S3Server) -> Iterator[tuple[str, StorageConfig]]:
     name = f"test-{uuid.uuid4().hex[:8]}"
     boto3_client(s3_server.config).create_bucket(Bucket=name)
     yield name, s3_server.config
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test run (2 CPUs). Workers get test credentials for the moto
+    endpoint through the runtime env: task arguments never carry credentials."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            runtime_env={
+                "env_vars": {
+                    "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                    "ICHD_PATIENT_SALT": os.environ["ICHD_PATIENT_SALT"],
+                }
+            },
+        )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray

@@ -1,0 +1,450 @@
+"""The scoring job on Ray Data: manifest -> study rows -> CPU decode -> model actors -> Parquet.
+
+Data flow (one row = one study, pixels never shuffled)::
+
+    manifest (headers only) --study_table--> from_items (uris, positions in z order)
+      --map_batches(decode_studies, CPU tasks, studies_per_task)-->   uint8 [T, 3, S, S] per study
+      --map_batches(StudyScoringActor, fixed actor pool)-->           CNN over every slice (chunked),
+                                                                      sequence model while embeddings
+                                                                      are on the device, fold average
+      --materialize (results only)--> slices / studies / embeddings (Ray writes) + errors -> commit
+
+Every input object ends in exactly one of ``slices`` or ``errors``; a bad file or a failing study is
+recorded and the job goes on. See :mod:`ichd_ray.outputs` for the commit protocol.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data.datasource import FilenameProvider
+
+from ichd_ray import CLASSES, __version__, storage
+from ichd_ray.config import JobConfig
+from ichd_ray.dicom import DicomError
+from ichd_ray.outputs import (
+    EMBEDDINGS_SCHEMA,
+    ERRORS_SCHEMA,
+    SLICES_SCHEMA,
+    STUDIES_SCHEMA,
+    commit_run,
+    new_attempt_id,
+    remove_other_attempts,
+    table_prefix,
+    write_table,
+)
+
+__all__ = ["RunSummary", "decode_studies", "StudyScoringActor", "score_job", "default_run_id"]
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("uris", pa.list_(pa.string())),
+        ("sop_uids", pa.list_(pa.string())),
+        ("positions", pa.list_(pa.float64())),
+        ("slice_indices", pa.list_(pa.int32())),
+        ("n_images", pa.int32()),
+        ("images", pa.large_binary()),
+        ("failures", pa.string()),
+    ]
+)
+SCORED_SCHEMA = pa.schema(
+    [
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("uris", pa.list_(pa.string())),
+        ("sop_uids", pa.list_(pa.string())),
+        ("positions", pa.list_(pa.float64())),
+        ("slice_indices", pa.list_(pa.int32())),
+        ("slice_probs", pa.list_(pa.float32())),  # n x 6, row-major
+        ("study_probs", pa.list_(pa.float32())),
+        ("embeddings", pa.list_(pa.float16())),  # n x D, row-major; empty unless asked for
+        ("embed_dim", pa.int32()),
+        ("failures", pa.string()),
+    ]
+)
+
+
+def default_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"score-{now:%Y%m%dT%H%M%SZ}"
+
+
+# ----------------------------------------------------------------------------- CPU decode stage
+
+
+def decode_studies(
+    batch: pa.Table, *, size: int, windows: list[dict], storage_config: dict | None
+) -> pa.Table:
+    """Read + decode + window every slice of each study to uint8 [T, 3, size, size].
+
+    A slice that cannot be read or decoded is left out of its study and reported in ``failures``
+    (JSON list of {uri, stage, reason, message}); the rest of the study goes on.
+    """
+    from ichd_ray.preprocess import preprocess_slice
+    from ichd_ray.windowing import windows_from_config
+
+    specs = windows_from_config(windows)
+    config = storage.StorageConfig.on_worker(storage_config)
+    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
+    for row in batch.to_pylist():
+        arrays, keep, failures = [], [], []
+        for i, uri in enumerate(row["uris"]):
+            try:
+                data = storage.read_bytes(uri, config)
+                arrays.append(preprocess_slice(data, size, windows=specs, name=uri))
+                keep.append(i)
+            except DicomError as exc:
+                failures.append({"uri": uri, "stage": "decode", "reason": exc.reason, "message": exc.message})
+            except OSError as exc:
+                failures.append({"uri": uri, "stage": "read", "reason": "read_error", "message": f"{type(exc).__name__}: {exc}"})
+            except Exception as exc:  # a decoder bug must not take the study down
+                failures.append({"uri": uri, "stage": "decode", "reason": "decode_error", "message": f"{type(exc).__name__}: {exc}"})
+        images = np.stack(arrays) if arrays else np.zeros((0, len(specs), size, size), np.uint8)
+        out["study_uid"].append(row["study_uid"])
+        out["series_uid"].append(row["series_uid"])
+        for key, src in (("uris", "uris"), ("sop_uids", "sop_uids"), ("positions", "positions"), ("slice_indices", "slice_indices")):
+            out[key].append([row[src][i] for i in keep])
+        out["n_images"].append(len(keep))
+        out["images"].append(images.tobytes())
+        out["failures"].append(json.dumps(failures))
+    return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- model actor stage
+
+
+class StudyScoringActor:
+    """Holds a loaded bundle on its device; scores batches of decoded studies.
+
+    Args:
+        bundle_uri: model bundle to load (sha256-checked).
+        storage_config: StorageConfig as a dict (reaches workers as plain kwargs).
+        device: ``auto`` (CUDA when the actor has a GPU), ``cpu`` or ``cuda``.
+        cnn_chunk: slices per CNN forward pass.
+        input_size: image side the decode stage produced.
+        channels: windows per image.
+        write_embeddings: also return fold ``0``'s float16 embeddings.
+        fault_marker: test hook: if set and the file does not exist, create it and exit the process
+            (a worker killed mid-run, once).
+    """
+
+    def __init__(
+        self,
+        bundle_uri: str,
+        storage_config: dict | None,
+        device: str,
+        cnn_chunk: int,
+        input_size: int,
+        channels: int,
+        write_embeddings: bool = False,
+        fault_marker: str | None = None,
+    ) -> None:
+        import torch
+
+        from ichd_ray.models.bundle import load_bundle
+        from ichd_ray.models.inference import StudyScorer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        config = storage.StorageConfig.on_worker(storage_config)
+        self.bundle = load_bundle(bundle_uri, storage_config=config, device=device)
+        self.scorer = StudyScorer(self.bundle, device=device, cnn_chunk=cnn_chunk)
+        self.size, self.channels = input_size, channels
+        self.write_embeddings = write_embeddings
+        self.fault_marker = fault_marker
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from ichd_ray.models.inference import StudyInput
+
+        if self.fault_marker and not os.path.exists(self.fault_marker):
+            open(self.fault_marker, "w").close()
+            os._exit(1)  # simulate a node/actor dying mid-batch
+        rows = batch.to_pylist()
+        inputs = {
+            i: StudyInput(
+                images=np.frombuffer(r["images"], np.uint8).reshape(r["n_images"], self.channels, self.size, self.size),
+                positions=np.asarray(r["positions"], dtype=np.float64),
+            )
+            for i, r in enumerate(rows)
+            if r["n_images"] > 0
+        }
+        results: dict[int, Any] = {}
+        try:
+            scored = self.scorer.score(list(inputs.values()), return_embeddings=self.write_embeddings)
+            results = dict(zip(inputs, scored))
+        except Exception:  # one bad study must not fail its batch-mates: retry one by one
+            for i, study in inputs.items():
+                try:
+                    results[i] = self.scorer.score([study], return_embeddings=self.write_embeddings)[0]
+                except Exception as exc:  # recorded as errors for each of the study's slices
+                    results[i] = exc
+        out: dict[str, list] = {name: [] for name in SCORED_SCHEMA.names}
+        for i, r in enumerate(rows):
+            failures = json.loads(r["failures"])
+            res = results.get(i)
+            if isinstance(res, Exception) or res is None:
+                message = f"{type(res).__name__}: {res}" if res is not None else "no slice could be decoded"
+                if res is not None:
+                    failures += [{"uri": u, "stage": "score", "reason": "score_error", "message": message} for u in r["uris"]]
+                for key in ("uris", "sop_uids", "positions", "slice_indices"):
+                    r[key] = []
+                slice_probs, study_probs, emb, dim = [], [], [], 0
+            else:
+                slice_probs = np.asarray(res.slice_probs, np.float32).reshape(-1).tolist()
+                study_probs = np.asarray(res.study_probs, np.float32).tolist()
+                if self.write_embeddings and res.embeddings is not None:
+                    emb_arr = np.asarray(res.embeddings, np.float16)
+                    emb, dim = emb_arr.reshape(-1).tolist(), int(emb_arr.shape[1])
+                else:
+                    emb, dim = [], 0
+            for key in ("study_uid", "series_uid", "uris", "sop_uids", "positions", "slice_indices"):
+                out[key].append(r[key])
+            out["slice_probs"].append(slice_probs)
+            out["study_probs"].append(study_probs)
+            out["embeddings"].append(emb)
+            out["embed_dim"].append(dim)
+            out["failures"].append(json.dumps(failures))
+        return pa.Table.from_pydict(out, schema=SCORED_SCHEMA)
+
+
+# ------------------------------------------------------------------------------ table builders
+
+
+def slices_rows(batch: pa.Table, *, run_id: str, model_version: str) -> pa.Table:
+    out: dict[str, list] = {name: [] for name in SLICES_SCHEMA.names}
+    for r in batch.to_pylist():
+        probs = np.asarray(r["slice_probs"], np.float32).reshape(-1, len(CLASSES))
+        for j, uri in enumerate(r["uris"]):
+            out["run_id"].append(run_id)
+            out["model_version"].append(model_version)
+            out["study_uid"].append(r["study_uid"])
+            out["series_uid"].append(r["series_uid"])
+            out["sop_uid"].append(r["sop_uids"][j])
+            out["uri"].append(uri)
+            out["slice_index"].append(r["slice_indices"][j])
+            out["position_z"].append(r["positions"][j])
+            for c, name in enumerate(CLASSES):
+                out[f"p_{name}"].append(float(probs[j, c]))
+    return pa.Table.from_pydict(out, schema=SLICES_SCHEMA)
+
+
+def studies_rows(batch: pa.Table, *, run_id: str, model_version: str, thresholds: list[float]) -> pa.Table:
+    out: dict[str, list] = {name: [] for name in STUDIES_SCHEMA.names}
+    for r in batch.to_pylist():
+        if not r["uris"]:
+            continue
+        out["run_id"].append(run_id)
+        out["model_version"].append(model_version)
+        out["study_uid"].append(r["study_uid"])
+        out["series_uid"].append(r["series_uid"])
+        out["n_slices"].append(len(r["uris"]))
+        for c, name in enumerate(CLASSES):
+            out[f"p_{name}"].append(r["study_probs"][c])
+        out["flagged"].append(any(p >= t for p, t in zip(r["study_probs"], thresholds)))
+    return pa.Table.from_pydict(out, schema=STUDIES_SCHEMA)
+
+
+def embeddings_rows(batch: pa.Table, *, run_id: str, model_version: str) -> pa.Table:
+    out: dict[str, list] = {name: [] for name in EMBEDDINGS_SCHEMA.names}
+    for r in batch.to_pylist():
+        if not r["embed_dim"]:
+            continue
+        emb = np.asarray(r["embeddings"], np.float16).reshape(len(r["uris"]), r["embed_dim"])
+        for j in range(len(r["uris"])):
+            out["run_id"].append(run_id)
+            out["model_version"].append(model_version)
+            out["study_uid"].append(r["study_uid"])
+            out["sop_uid"].append(r["sop_uids"][j])
+            out["slice_index"].append(r["slice_indices"][j])
+            out["embedding"].append(emb[j].tolist())
+    return pa.Table.from_pydict(out, schema=EMBEDDINGS_SCHEMA)
+
+
+class PartNames(FilenameProvider):
+    """Ray write file names: ``part-<write uuid>-<task>-<block>.parquet``."""
+
+    def get_filename_for_block(self, block, write_uuid, task_index, block_index):
+        return f"part-{write_uuid[:8]}-{task_index:05d}-{block_index:04d}.parquet"
+
+
+# --------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    attempt: str
+    status: str
+    n_inputs: int
+    n_slices_scored: int
+    n_rejected: int
+    n_studies: int
+    seconds: float
+    slices_per_s: float
+    reasons: dict[str, int] = field(default_factory=dict)
+    out_uri: str = ""
+    run_uri: str = ""
+
+
+def score_job(
+    input_uri: str | None,
+    bundle_uri: str,
+    out_uri: str,
+    *,
+    job: JobConfig | None = None,
+    run_id: str | None = None,
+    manifest_uri: str | None = None,
+    progress: bool = False,
+    storage_config: storage.StorageConfig | None = None,
+    fault_marker: str | None = None,
+) -> RunSummary:
+    """Score every study under ``input_uri`` (or in ``manifest_uri``) with the bundle; commit a run.
+
+    Ray must already be initialised (the CLI and ``jobs/score.py`` do it).
+
+    Args:
+        input_uri: prefix to list, or a ``.txt``/``.parquet`` list of URIs.
+        bundle_uri: model bundle.
+        out_uri: output prefix (tables and the runs object).
+        job: validated job config (defaults otherwise).
+        run_id: default ``score-<UTC timestamp>``; re-using one replaces that run's output.
+        manifest_uri: a manifest from ``ichd-ray index`` instead of indexing ``input_uri``.
+        progress: Ray Data progress bars.
+        storage_config: the driver's storage settings (default: ``job.storage`` + environment);
+            workers get them without credentials and use their own environment's.
+        fault_marker: test hook, see :class:`StudyScoringActor`.
+    """
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from ichd_ray.manifest import build_manifest, read_manifest, study_table
+    from ichd_ray.models.bundle import load_bundle_config
+
+    job = job or JobConfig()
+    sc = storage_config or job.storage.storage_config()
+    sc_dict = sc.for_workers()
+    started = dt.datetime.now(dt.timezone.utc)
+    clock = time.perf_counter()
+    run_id = run_id or default_run_id(started)
+    attempt = new_attempt_id(started)
+
+    bundle_config, bundle_sha256 = load_bundle_config(bundle_uri, storage_config=sc)
+    size = int(bundle_config.input_size)
+    windows = [w.to_dict() for w in bundle_config.windows]
+    model_version = bundle_config.version_id
+    thresholds = [float((bundle_config.thresholds or {}).get(c, 0.5)) for c in CLASSES]
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = progress
+
+    if manifest_uri:
+        manifest = read_manifest(manifest_uri, sc)
+    elif input_uri:
+        manifest = build_manifest(input_uri, job.index, sc)
+    else:
+        raise ValueError("score_job needs input_uri or manifest_uri")
+    n_inputs = len(manifest)
+    errors = [
+        {"run_id": run_id, "uri": r.uri, "stage": "index", "reason": r.reason, "message": r.message or ""}
+        for r in manifest[manifest["reason"].notna()].itertuples()
+    ]
+    studies = study_table(manifest)
+
+    fs_out, _ = storage.filesystem(out_uri, sc)
+    n_slices = n_studies = 0
+    if studies:
+        cfg = job.score
+        n_blocks = max(1, math.ceil(len(studies) / cfg.studies_per_task))
+        ds = ray.data.from_items(studies, override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            decode_studies,
+            batch_size=cfg.studies_per_task,
+            batch_format="pyarrow",
+            fn_kwargs={"size": size, "windows": windows, "storage_config": sc_dict},
+            num_cpus=1,
+        )
+        ds = ds.map_batches(
+            StudyScoringActor,
+            batch_size=cfg.studies_per_batch,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={
+                "bundle_uri": bundle_uri,
+                "storage_config": sc_dict,
+                "device": cfg.device,
+                "cnn_chunk": cfg.cnn_chunk,
+                "input_size": size,
+                "channels": len(windows),
+                "write_embeddings": cfg.write_embeddings,
+                "fault_marker": fault_marker,
+            },
+            compute=ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor,
+        )  # Ray Data restarts a dead actor and retries its batch: same inputs, same outputs
+        scored = ds.materialize()
+        for row in scored.select_columns(["failures"]).take_all():
+            errors += [{"run_id": run_id, **f} for f in json.loads(row["failures"])]
+        tables = [
+            ("slices", slices_rows, {"run_id": run_id, "model_version": model_version}),
+            ("studies", studies_rows, {"run_id": run_id, "model_version": model_version, "thresholds": thresholds}),
+        ]
+        if job.score.write_embeddings:
+            tables.append(("embeddings", embeddings_rows, {"run_id": run_id, "model_version": model_version}))
+        for table, fn, kwargs in tables:
+            rows = scored.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs, batch_size=None).materialize()
+            count = rows.count()
+            if table == "slices":
+                n_slices = count
+            elif table == "studies":
+                n_studies = count
+            if count:
+                _, path = storage.filesystem(table_prefix(out_uri, table, run_id, attempt), sc)
+                rows.write_parquet(path, filesystem=fs_out, filename_provider=PartNames())
+    for table, schema in (("slices", SLICES_SCHEMA), ("studies", STUDIES_SCHEMA)):
+        if (table == "slices" and not n_slices) or (table == "studies" and not n_studies):
+            write_table(schema.empty_table(), out_uri, table, run_id, attempt, storage_config=sc)
+    write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), out_uri, "errors", run_id, attempt, storage_config=sc)
+
+    seconds = time.perf_counter() - clock
+    n_rejected = len(errors)
+    status = "succeeded" if n_inputs == n_slices + n_rejected else "failed"
+    run_row = {
+        "run_id": run_id,
+        "attempt": attempt,
+        "model_version": model_version,
+        "bundle_uri": bundle_uri,
+        "bundle_sha256": bundle_sha256,
+        "code_version": __version__,
+        "config_sha256": job.sha256(),
+        "config_json": json.dumps(job.to_dict(), sort_keys=True),
+        "started_at": started,
+        "finished_at": dt.datetime.now(dt.timezone.utc),
+        "status": status,
+        "n_inputs": n_inputs,
+        "n_slices_scored": n_slices,
+        "n_rejected": n_rejected,
+        "n_studies": n_studies,
+        "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
+    }
+    run_uri = commit_run(out_uri, run_row, sc)
+    remove_other_attempts(out_uri, run_id, keep=attempt, storage_config=sc)
+    reasons: dict[str, int] = {}
+    for e in errors:
+        reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+    return RunSummary(
+        run_id, attempt, status, n_inputs, n_slices, n_rejected, n_studies, seconds,
+        run_row["slices_per_s"], reasons, out_uri, run_uri,
+    )
+

@@ -1,0 +1,154 @@
+"""End to end on local Ray (2 CPUs): synth -> model init -> index -> score -> Parquet -> DuckDB."""
+
+import csv
+import dataclasses
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichd_ray import CLASSES, storage
+from ichd_ray.config import JobConfig, ScoreConfig
+from ichd_ray.models.bundle import init_bundle
+from ichd_ray.outputs import read_run
+from ichd_ray.report import query
+from ichd_ray.score import score_job
+from ichd_ray.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.timeout(300)
+
+SYNTH = SynthConfig(studies=4, slices=6, size=64, seed=11, compressed_fraction=0.25, bad_files=4)
+JOB = JobConfig(score=ScoreConfig(studies_per_batch=2, studies_per_task=2, cnn_chunk=4, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score")
+    data = root / "archive"
+    generate(str(data), SYNTH)
+    # a duplicate object: the same slice stored twice
+    first = sorted(data.glob("*/2.25.*.dcm"))[0]
+    shutil.copy(first, first.parent / "zz-copy.dcm")
+    bundle = root / "bundle"
+    init_bundle(str(bundle), "test_resnet", folds=2, input_size=32, seed=0)
+    return root, data, bundle
+
+
+def inputs_of(data) -> set[str]:
+    return {str(p) for p in data.rglob("*.dcm")}
+
+
+def expected_rejections(data) -> dict[str, str]:
+    out = {row["uri"]: row["reason"] for row in csv.DictReader(open(data / "bad_files.csv"))}
+    out.update({str(p): "duplicate" for p in data.rglob("zz-copy.dcm")})
+    return out
+
+
+def test_score_local_end_to_end(ray_session, dataset):
+    root, data, bundle = dataset
+    out = root / "out"
+    summary = score_job(str(data), str(bundle), str(out), job=JOB, run_id="r1")
+    assert summary.status == "succeeded"
+    assert summary.n_inputs == len(inputs_of(data)) == summary.n_slices_scored + summary.n_rejected
+    assert summary.n_studies == SYNTH.studies
+
+    slices = query(str(out), "SELECT * FROM slices")
+    studies = query(str(out), "SELECT * FROM studies")
+    errors = query(str(out), "SELECT * FROM errors")
+    # every input object is in exactly one of slices or errors, with the reason it deserves
+    assert sorted(slices["uri"].tolist() + errors["uri"].tolist()) == sorted(inputs_of(data))
+    assert dict(zip(errors["uri"], errors["reason"])) == expected_rejections(data)
+    assert set(errors["stage"]) <= {"index", "decode"}
+    # z order: slice_index follows the position along the normal
+    for _, study in slices.groupby("study_uid"):
+        study = study.sort_values("slice_index")
+        assert study["position_z"].is_monotonic_increasing
+        assert study["slice_index"].tolist() == list(range(len(study))) or "truncated" in set(errors["reason"])
+    probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy()
+    assert ((probs > 0) & (probs < 1)).all()
+    assert studies["n_slices"].sum() == len(slices)
+    assert set(studies["flagged"]) <= {True, False}
+    run = read_run(str(out), "r1")
+    assert run["attempt"] == summary.attempt and run["status"] == "succeeded"
+    assert run["model_version"] == slices["model_version"].iloc[0]
+    assert len(run["bundle_sha256"]) == 64 and run["config_sha256"] == JOB.sha256()
+
+
+def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing(ray_session, dataset, tmp_path):
+    root, data, bundle = dataset
+    out = root / "out-rerun"
+    first = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
+    before = query(str(out), "SELECT sop_uid, p_any, p_subdural FROM slices ORDER BY sop_uid")
+
+    marker = tmp_path / "killed-once"
+    second = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly", fault_marker=str(marker))
+    assert marker.exists(), "the fault hook did not fire"
+    assert second.attempt != first.attempt and second.status == "succeeded"
+    after = query(str(out), "SELECT sop_uid, p_any, p_subdural FROM slices ORDER BY sop_uid")
+    pd.testing.assert_frame_equal(before, after, check_exact=False, rtol=1e-5)
+    # at rest one attempt per table, and one runs row
+    for table in ("slices", "studies", "errors"):
+        attempts = {p.name for p in (out / table / "run_id=nightly").iterdir()}
+        assert attempts == {f"attempt={second.attempt}"}
+    assert query(str(out), "SELECT count(*) AS n FROM runs")["n"].iloc[0] == 1
+
+
+def test_uncommitted_attempt_is_invisible(ray_session, dataset):
+    root, data, bundle = dataset
+    out = root / "out"
+    if not (out / "runs").exists():
+        score_job(str(data), str(bundle), str(out), job=JOB, run_id="r1")
+    n = query(str(out), "SELECT count(*) AS n FROM slices")["n"].iloc[0]
+    committed = read_run(str(out), "r1")["attempt"]
+    # a crashed run left a full copy of its data under another attempt, without committing
+    src = out / "slices" / "run_id=r1" / f"attempt={committed}"
+    shutil.copytree(src, src.parent / "attempt=crashed")
+    assert query(str(out), "SELECT count(*) AS n FROM slices")["n"].iloc[0] == n
+    shutil.rmtree(src.parent / "attempt=crashed")
+
+
+def test_score_on_s3(ray_session, dataset, s3_bucket):
+    root, data, bundle = dataset
+    bucket, config = s3_bucket
+    archive = f"s3://{bucket}/archive"
+    generate(archive, dataclasses.replace(SYNTH, studies=2, bad_files=2), storage_config=config)
+    s3_bundle = f"s3://{bucket}/models/v1"
+    for p in bundle.iterdir():
+        storage.write_bytes(f"{s3_bundle}/{p.name}", p.read_bytes(), config)
+    out = f"s3://{bucket}/results"
+    summary = score_job(archive, s3_bundle, out, job=JOB, run_id="s3run", storage_config=config)
+    assert summary.status == "succeeded" and summary.n_studies == 2
+    n_inputs = len([e for e in storage.list_files(archive, suffix=".dcm", config=config)])
+    assert summary.n_inputs == n_inputs == summary.n_slices_scored + summary.n_rejected
+    studies = query(out, "SELECT study_uid, n_slices, p_any FROM studies", config)
+    assert len(studies) == 2 and studies["n_slices"].sum() == summary.n_slices_scored
+    errors = query(out, "SELECT reason FROM errors", config)
+    assert sorted(errors["reason"]) == ["empty", "truncated"]
+
+
+def test_embeddings_and_cli(ray_session, dataset, capsys):
+    from ichd_ray.cli import main
+
+    root, data, bundle = dataset
+    out = root / "out-cli"
+    manifest = root / "manifest.parquet"
+    assert main(["index", str(data), "--out", str(manifest)]) == 0
+    assert "indexed" in capsys.readouterr().out
+    code = main(
+        ["score", "--manifest", str(manifest), "--model", str(bundle), "--out", str(out), "--run-id", "cli",
+         "--write-embeddings", "--device", "cpu", "--no-progress"]
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and "succeeded" in text and "ichd-ray results" in text
+    emb = pd.read_parquet(out / "embeddings", partitioning=None)
+    slices = query(str(out), "SELECT sop_uid FROM slices")
+    assert set(emb["sop_uid"]) == set(slices["sop_uid"])
+    dims = {len(e) for e in emb["embedding"]}
+    assert len(dims) == 1 and dims.pop() > 8 and emb["embedding"].iloc[0].dtype == np.float16
+    assert main(["results", str(out), "--sql", "SELECT count(*) AS n FROM studies"]) == 0
+    assert str(SYNTH.studies) in capsys.readouterr().out
+    bad = root / "bad.yaml"
+    bad.write_text("score:\n  device: tpu\n")
+    assert main(["score", str(data), "--model", str(bundle), "--out", str(out), "--config", str(bad)]) == 2
+    assert "score.device" in capsys.readouterr().err
