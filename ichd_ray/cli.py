@@ -212,15 +212,21 @@ def _index_or_score(args: argparse.Namespace) -> int:
     from ichd_ray.report import format_summary
     from ichd_ray.score import score_job
 
-    summary = score_job(
-        args.input,
-        args.model,
-        args.out,
-        job=job,
-        run_id=args.run_id,
-        manifest_uri=args.manifest,
-        progress=not args.no_progress,
-    )
+    from ichd_ray.models.bundle import BundleError
+
+    try:
+        summary = score_job(
+            args.input,
+            args.model,
+            args.out,
+            job=job,
+            run_id=args.run_id,
+            manifest_uri=args.manifest,
+            progress=not args.no_progress,
+        )
+    except (ConfigError, BundleError) as exc:
+        print(f"ichd-ray score: {exc}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 0 if summary.status == "succeeded" else 1
 

@@ -12,6 +12,7 @@ field fails at once with its dotted name and what is allowed::
       num_actors: 1                # fixed pool of model actors
       num_gpus_per_actor: 0        # 1 on GPU clusters
       cpus_per_actor: 0.5          # fractional: a whole CPU per actor can starve the read tasks
+      cpus_per_decode_task: 1.0    # CPU decode tasks (one per studies_per_task studies)
       studies_per_batch: 4         # studies per actor call
       studies_per_task: 6          # studies per CPU decode task (>= 0.25 s of work)
       cnn_chunk: 64                # slices per CNN forward pass (bounds memory for long studies)
@@ -71,6 +72,7 @@ class ScoreConfig:
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5
+    cpus_per_decode_task: float = 1.0
     studies_per_batch: int = 4
     studies_per_task: int = 6
     cnn_chunk: int = 64
@@ -81,6 +83,7 @@ class ScoreConfig:
         _require(self.num_actors >= 1, f"{prefix}.num_actors", "an integer >= 1", self.num_actors)
         _require(self.num_gpus_per_actor >= 0, f"{prefix}.num_gpus_per_actor", "a number >= 0", self.num_gpus_per_actor)
         _require(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "a number > 0 (fractional is fine)", self.cpus_per_actor)
+        _require(self.cpus_per_decode_task > 0, f"{prefix}.cpus_per_decode_task", "a number > 0", self.cpus_per_decode_task)
         _require(self.studies_per_batch >= 1, f"{prefix}.studies_per_batch", "an integer >= 1", self.studies_per_batch)
         _require(self.studies_per_task >= 1, f"{prefix}.studies_per_task", "an integer >= 1", self.studies_per_task)
         _require(self.cnn_chunk >= 1, f"{prefix}.cnn_chunk", "an integer >= 1", self.cnn_chunk)

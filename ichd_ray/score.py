@@ -345,6 +345,7 @@ def score_job(
     model_version = bundle_config.version_id
     thresholds = [float((bundle_config.thresholds or {}).get(c, 0.5)) for c in CLASSES]
 
+    _check_cluster_fits(job.score)  # before any work: a pool that cannot fit would hang
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
@@ -373,7 +374,7 @@ def score_job(
             batch_size=cfg.studies_per_task,
             batch_format="pyarrow",
             fn_kwargs={"size": size, "windows": windows, "storage_config": sc_dict},
-            num_cpus=1,
+            num_cpus=cfg.cpus_per_decode_task,
         )
         ds = ds.map_batches(
             StudyScoringActor,
@@ -448,3 +449,24 @@ def score_job(
         run_row["slices_per_s"], reasons, out_uri, run_uri,
     )
 
+
+def _check_cluster_fits(cfg) -> None:
+    """Fail fast instead of hanging: the actor pool plus one decode task must fit the cluster."""
+    import ray
+
+    from ichd_ray.config import ConfigError
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    need_cpus = cfg.num_actors * cfg.cpus_per_actor + cfg.cpus_per_decode_task
+    if need_cpus > cpus:
+        raise ConfigError(
+            f"score.num_actors x score.cpus_per_actor + score.cpus_per_decode_task = {need_cpus:g} CPUs, "
+            f"but the Ray cluster has {cpus:g}: lower them (fractions are fine) or add CPUs; "
+            "otherwise the decode tasks would wait forever"
+        )
+    if cfg.num_actors * cfg.num_gpus_per_actor > gpus:
+        raise ConfigError(
+            f"score.num_actors x score.num_gpus_per_actor = {cfg.num_actors * cfg.num_gpus_per_actor:g} GPUs, "
+            f"but the Ray cluster has {gpus:g}"
+        )

@@ -152,3 +152,13 @@ def test_embeddings_and_cli(ray_session, dataset, capsys):
     bad.write_text("score:\n  device: tpu\n")
     assert main(["score", str(data), "--model", str(bundle), "--out", str(out), "--config", str(bad)]) == 2
     assert "score.device" in capsys.readouterr().err
+
+
+def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, dataset):
+    from ichd_ray.config import ConfigError
+
+    root, data, bundle = dataset
+    job = dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, num_actors=2, cpus_per_actor=1.0))
+    with pytest.raises(ConfigError, match="cpus_per_actor"):
+        score_job(str(data), str(bundle), str(root / "never"), job=job)
+    assert not (root / "never").exists()
