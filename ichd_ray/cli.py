@@ -100,12 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--sql", default="SELECT run_id, status, model_version, n_studies, n_slices_scored, n_rejected, finished_at FROM runs ORDER BY finished_at DESC")
     _storage_args(results)
 
-    demo = sub.add_parser("demo", help="the embedded default: synthesise a small set and window it")
+    demo = sub.add_parser("demo", help="the embedded default: synthesise a small set, write a bundle, score it on local Ray")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--studies", type=_positive_int, default=12)
     demo.add_argument("--slices", type=_positive_int, default=32)
     demo.add_argument("--dicom-size", type=_positive_int, default=512, help="synthetic image side")
     demo.add_argument("--size", type=_positive_int, default=256, help="network input side")
+    demo.add_argument("--backbone", default="resnet10t", help="timm backbone of the demo bundle")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
     return parser
@@ -158,18 +159,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from ichd_ray.demo import DemoConfig, run_demo
 
-        run_demo(
+        summary = run_demo(
             DemoConfig(
                 out=args.out,
                 studies=args.studies,
                 slices=args.slices,
                 dicom_size=args.dicom_size,
                 input_size=args.size,
+                backbone=args.backbone,
                 seed=args.seed,
                 workers=args.workers,
             )
         )
-        return 0
+        return 0 if summary.status == "succeeded" else 1
     raise AssertionError(args.command)
 
 

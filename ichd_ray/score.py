@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 import time
@@ -349,6 +350,8 @@ def score_job(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = progress
+    if not progress:  # quiet runs (tests, demo): no per-dataset INFO lines either
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     if manifest_uri:
         manifest = read_manifest(manifest_uri, sc)
