@@ -45,27 +45,21 @@ from ichd_ray.outputs import (
 
 __all__ = ["RunSummary", "decode_studies", "StudyScoringActor", "score_job", "default_run_id"]
 
+# What travels with a study through both stages: slices in z order, minus any that failed.
+_STUDY_FIELDS = [
+    ("study_uid", pa.string()),
+    ("series_uid", pa.string()),
+    ("uris", pa.list_(pa.string())),
+    ("sop_uids", pa.list_(pa.string())),
+    ("positions", pa.list_(pa.float64())),
+    ("slice_indices", pa.list_(pa.int32())),
+]
 DECODED_SCHEMA = pa.schema(
-    [
-        ("study_uid", pa.string()),
-        ("series_uid", pa.string()),
-        ("uris", pa.list_(pa.string())),
-        ("sop_uids", pa.list_(pa.string())),
-        ("positions", pa.list_(pa.float64())),
-        ("slice_indices", pa.list_(pa.int32())),
-        ("n_images", pa.int32()),
-        ("images", pa.large_binary()),
-        ("failures", pa.string()),
-    ]
+    _STUDY_FIELDS + [("n_images", pa.int32()), ("images", pa.large_binary()), ("failures", pa.string())]
 )
 SCORED_SCHEMA = pa.schema(
-    [
-        ("study_uid", pa.string()),
-        ("series_uid", pa.string()),
-        ("uris", pa.list_(pa.string())),
-        ("sop_uids", pa.list_(pa.string())),
-        ("positions", pa.list_(pa.float64())),
-        ("slice_indices", pa.list_(pa.int32())),
+    _STUDY_FIELDS
+    + [
         ("slice_probs", pa.list_(pa.float32())),  # n x 6, row-major
         ("study_probs", pa.list_(pa.float32())),
         ("embeddings", pa.list_(pa.float16())),  # n x D, row-major; empty unless asked for
