@@ -82,6 +82,7 @@ def preprocess_slice(
     windows: Sequence[WindowSpec] = DEFAULT_WINDOWS,
     name: str | None = None,
     rsna_fix: bool = True,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """DICOM -> uint8 [len(windows), size, size], equal within +-1 to the reference path.
 
@@ -91,6 +92,8 @@ def preprocess_slice(
         windows: window specs (default brain, subdural, bone).
         name: name for errors.
         rsna_fix: apply the RSNA 12-bit intercept fix where it applies.
+        out: optional uint8 array (len(windows), size, size) to write into (e.g. a slot of a study's
+            preallocated [T, C, S, S] buffer, so a batch of slices is never copied again).
 
     Raises:
         DicomError: the same rejections as :func:`ichd_ray.dicom.load_slice`.
@@ -103,7 +106,7 @@ def preprocess_slice(
     rows, cols = stored.shape
     if rows != cols or rows % size != 0:
         # Non-integer ratio: the float reference path (correct, slower, rare for CT).
-        return apply_windows(area_resize(stored_to_hu(stored, meta, rsna_fix), size), windows)
+        return _into(out, apply_windows(area_resize(stored_to_hu(stored, meta, rsna_fix), size), windows))
 
     intercept = meta.rescale_intercept
     signed = meta.pixel_representation == 1
@@ -116,11 +119,21 @@ def preprocess_slice(
     lo, hi = _value_range(stored, bits, signed)
     if stored.dtype.itemsize > 2 and hi - lo > (1 << 17):
         # Wide 32-bit data: a table would be huge; take the float path.
-        return apply_windows(area_resize(stored_to_hu(stored, meta, rsna_fix), size), windows)
+        return _into(out, apply_windows(area_resize(stored_to_hu(stored, meta, rsna_fix), size), windows))
     sums = block_sum(stored, k)
     lut = window_lut(lo * k * k, hi * k * k, k * k, meta.rescale_slope, intercept, windows)
     index = sums - lo * k * k if lo else sums
-    out = np.empty((len(windows), size, size), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(windows), size, size), dtype=np.uint8)
+    elif out.shape != (len(windows), size, size) or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {(len(windows), size, size)}, got {out.dtype} {out.shape}")
     for c in range(len(windows)):
         np.take(lut[c], index, out=out[c], mode="clip")
+    return out
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    if out is None:
+        return result
+    out[...] = result
     return out

@@ -90,13 +90,21 @@ def decode_studies(
 
     specs = windows_from_config(windows)
     config = storage.StorageConfig.on_worker(storage_config)
-    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
-    for row in batch.to_pylist():
-        arrays, keep, failures = [], [], []
+    rows = batch.to_pylist()
+    # One buffer for every slice of the batch, filled in place and handed to Arrow without a copy
+    # (stacking, .tobytes() and from_pydict each copied every study's pixels: ~24% of a core).
+    slice_bytes = len(specs) * size * size
+    pixels = np.empty((sum(len(r["uris"]) for r in rows), len(specs), size, size), dtype=np.uint8)
+    offsets = [0]
+    filled = 0
+    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names if name != "images"}
+    for row in rows:
+        keep, failures = [], []
         for i, uri in enumerate(row["uris"]):
             try:
                 data = storage.read_bytes(uri, config)
-                arrays.append(preprocess_slice(data, size, windows=specs, name=uri))
+                preprocess_slice(data, size, windows=specs, name=uri, out=pixels[filled])
+                filled += 1
                 keep.append(i)
             except DicomError as exc:
                 failures.append({"uri": uri, "stage": "decode", "reason": exc.reason, "message": exc.message})
@@ -104,15 +112,21 @@ def decode_studies(
                 failures.append({"uri": uri, "stage": "read", "reason": "read_error", "message": f"{type(exc).__name__}: {exc}"})
             except Exception as exc:  # a decoder bug must not take the study down
                 failures.append({"uri": uri, "stage": "decode", "reason": "decode_error", "message": f"{type(exc).__name__}: {exc}"})
-        images = np.stack(arrays) if arrays else np.zeros((0, len(specs), size, size), np.uint8)
+        offsets.append(filled * slice_bytes)
         out["study_uid"].append(row["study_uid"])
         out["series_uid"].append(row["series_uid"])
-        for key, src in (("uris", "uris"), ("sop_uids", "sop_uids"), ("positions", "positions"), ("slice_indices", "slice_indices")):
-            out[key].append([row[src][i] for i in keep])
+        for key in ("uris", "sop_uids", "positions", "slice_indices"):
+            out[key].append([row[key][i] for i in keep])
         out["n_images"].append(len(keep))
-        out["images"].append(images.tobytes())
         out["failures"].append(json.dumps(failures))
-    return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+    images = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        len(rows),
+        [None, pa.py_buffer(np.asarray(offsets, dtype=np.int64)), pa.py_buffer(pixels[:filled].reshape(-1))],
+    )
+    columns = {name: pa.array(values, type=DECODED_SCHEMA.field(name).type) for name, values in out.items()}
+    columns["images"] = images
+    return pa.Table.from_pydict({name: columns[name] for name in DECODED_SCHEMA.names}, schema=DECODED_SCHEMA)
 
 
 # ---------------------------------------------------------------------------- model actor stage
@@ -164,10 +178,11 @@ class StudyScoringActor:
         if self.fault_marker and not os.path.exists(self.fault_marker):
             open(self.fault_marker, "w").close()
             os._exit(1)  # simulate a node/actor dying mid-batch
-        rows = batch.to_pylist()
+        rows = batch.drop_columns(["images"]).to_pylist()
+        images = batch.column("images")  # read in place: to_pylist would copy every study's pixels
         inputs = {
             i: StudyInput(
-                images=np.frombuffer(r["images"], np.uint8).reshape(r["n_images"], self.channels, self.size, self.size),
+                images=np.frombuffer(images[i].as_buffer(), np.uint8).reshape(r["n_images"], self.channels, self.size, self.size),
                 positions=np.asarray(r["positions"], dtype=np.float64),
             )
             for i, r in enumerate(rows)

@@ -106,3 +106,15 @@ def test_big_endian_native_syntax():
     assert load_slice(big).meta.transfer_syntax == pydicom.uid.ExplicitVRBigEndian
     np.testing.assert_array_equal(load_slice(big).hu, load_slice(little).hu)
     np.testing.assert_array_equal(preprocess_slice(big, 16), preprocess_slice(little, 16))
+
+
+@pytest.mark.parametrize("size", [16, 24])  # integer ratio (table path) and fractional (float path)
+def test_writes_into_a_given_slot(size):
+    data = ct_bytes(head_like(32))
+    study = np.zeros((2, 3, size, size), np.uint8)
+    returned = preprocess_slice(data, size, out=study[1])
+    assert returned is study[1] or np.shares_memory(returned, study)
+    np.testing.assert_array_equal(study[1], preprocess_slice(data, size))
+    assert not study[0].any()
+    with pytest.raises(ValueError, match="out must be uint8"):
+        preprocess_slice(data, size, out=np.zeros((3, size + 1, size), np.uint8))
