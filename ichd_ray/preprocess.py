@@ -98,6 +98,8 @@ def preprocess_slice(
     Raises:
         DicomError: the same rejections as :func:`ichd_ray.dicom.load_slice`.
     """
+    if out is not None and (out.shape != (len(windows), size, size) or out.dtype != np.uint8):
+        raise ValueError(f"out must be uint8 {(len(windows), size, size)}, got {out.dtype} {out.shape}")
     data, label = read_source(source, name)
     parsed = parse_dicom(data, label)
     meta = check_header(parsed, hash_patient=False)
@@ -125,8 +127,6 @@ def preprocess_slice(
     index = sums - lo * k * k if lo else sums
     if out is None:
         out = np.empty((len(windows), size, size), dtype=np.uint8)
-    elif out.shape != (len(windows), size, size) or out.dtype != np.uint8:
-        raise ValueError(f"out must be uint8 {(len(windows), size, size)}, got {out.dtype} {out.shape}")
     for c in range(len(windows)):
         np.take(lut[c], index, out=out[c], mode="clip")
     return out
