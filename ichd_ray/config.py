@@ -12,7 +12,10 @@ field fails at once with its dotted name and what is allowed::
       num_actors: 1                # fixed pool of model actors
       num_gpus_per_actor: 0        # 1 on GPU clusters
       cpus_per_actor: 0.5          # fractional: a whole CPU per actor can starve the read tasks
-      cpus_per_decode_task: 1.0    # CPU decode tasks (one per studies_per_task studies)
+      cpus_per_decode_task: 1.0    # CPU decode tasks; keep it != cpus_per_actor on CPU-only clusters,
+                                   # else Ray Data fuses decode into the model actor (see BENCHMARKS.md)
+      reserve_operator_resources: false  # Ray Data's per-operator reservation: off lets decode tasks
+                                         # use every CPU the fixed actor pool leaves (36% -> 66% here)
       studies_per_batch: 4         # studies per actor call
       studies_per_task: 6          # studies per CPU decode task (>= 0.25 s of work)
       cnn_chunk: 64                # slices per CNN forward pass (bounds memory for long studies)
@@ -73,6 +76,7 @@ class ScoreConfig:
     num_gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5
     cpus_per_decode_task: float = 1.0
+    reserve_operator_resources: bool = False
     studies_per_batch: int = 4
     studies_per_task: int = 6
     cnn_chunk: int = 64
