@@ -390,6 +390,10 @@ def score_job(
             batch_format="pyarrow",
             fn_kwargs={"size": size, "windows": windows, "storage_config": sc_dict},
             num_cpus=cfg.cpus_per_decode_task,
+            # Its real peak (the batch's pixel buffer and the block Ray copies from it). Asking for it
+            # also keeps Ray Data from fusing decode into the model actor when both ask for the same
+            # CPUs: fused, decode ran inside the actor and the model waited for it (BENCHMARKS.md).
+            memory=2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size,
         )
         ds = ds.map_batches(
             StudyScoringActor,

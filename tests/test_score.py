@@ -162,3 +162,23 @@ def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, datas
     with pytest.raises(ConfigError, match="cpus_per_actor"):
         score_job(str(data), str(bundle), str(root / "never"), job=job)
     assert not (root / "never").exists()
+
+
+def test_decode_is_never_fused_into_the_model_actor(ray_session, dataset, monkeypatch):
+    """Same CPU request for both stages used to let Ray Data run decode inside the actor."""
+    import ray.data
+
+    root, data, bundle = dataset
+    plans = []
+    materialize = ray.data.Dataset.materialize
+
+    def spy(self):
+        out = materialize(self)
+        plans.append(out.stats())
+        return out
+
+    monkeypatch.setattr(ray.data.Dataset, "materialize", spy)
+    job = dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, cpus_per_actor=1.0, cpus_per_decode_task=1.0))
+    assert score_job(str(data), str(bundle), str(root / "unfused"), job=job).status == "succeeded"
+    assert "MapBatches(decode_studies)->MapBatches(StudyScoringActor)" not in plans[0]
+    assert "MapBatches(StudyScoringActor)" in plans[0]
