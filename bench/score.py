@@ -528,7 +528,7 @@ def main() -> None:
         lines.append(f"| (a') `decode_studies` called in one process, no Ray, one core, {spt} studies/call | {fmt(rate)} | {rate / ideal:.0%} | | 1 | |")
     lines.append(f"| (c) {len(cores)} plain processes, one pinned per core, no Ray | {fmt(plain)} | {plain / ideal:.0%} | | {len(cores)} | |")
     for r in sorted(cpu_rows, key=lambda r: (not r["reservation"], r["spt"])):
-        what = "reservation on (Ray Data default)" if r["reservation"] else "reservation off (what `score_job` sets since this run)"
+        what = "reservation on (Ray Data's default; `score.reserve_operator_resources: true`)" if r["reservation"] else "reservation off (`score_job`'s default)"
         t = r["timing"]
         lines.append(
             f"| (b) Ray Data, {r['spt']} studies/task, {what} | {fmt(r['rate'])} ({fmt(r['min'])}-{fmt(r['max'])}) | "
@@ -591,7 +591,7 @@ def main() -> None:
         + f"(concurrency {bt['concurrency']:.2f} on {args.cpus} CPUs). With it off "
         f"(`DataContext.op_resource_reservation_enabled = False`) "
         f"concurrency is {best_off['timing']['concurrency']:.2f} and the stage gives {fmt(best_off['rate'])} "
-        f"slices/s = {best_off['rate'] / ideal:.0%} ({best_off['spt']} studies/task). After this run `score_job` turns it off by default (`score.reserve_operator_resources: false`), so its CPU stage is the 'off' rows; the end-to-end rows below ran with it on."
+        f"slices/s = {best_off['rate'] / ideal:.0%} ({best_off['spt']} studies/task). `score_job` turns it off by default (`score.reserve_operator_resources: false`), so its CPU stage is the 'off' rows."
     )
     dec = statistics.median(single_decode.values())
     notes.append(
