@@ -47,6 +47,7 @@ __all__ = [
     "decode_stored",
     "stored_to_hu",
     "rsna_fix_applies",
+    "slice_normal",
     "load_slice",
     "hash_patient_id",
     "patient_salt",
@@ -424,18 +425,25 @@ def _full_read(data: bytes, name: str) -> pydicom.Dataset:
             raise DicomError("decode_error", name, f"{type(exc).__name__}: {exc}") from None
 
 
+def slice_normal(orientation: tuple[float, ...] | None) -> tuple[float, float, float] | None:
+    """Unit normal (row x column direction) of ImageOrientationPatient; None when missing or degenerate.
+
+    Plain floats: numpy costs more than it saves on 3-vectors, and this runs once per slice."""
+    if orientation is None:
+        return None
+    (rx, ry, rz), (cx, cy, cz) = orientation[:3], orientation[3:]
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    norm = math.sqrt(sum(v * v for v in normal))
+    return None if norm <= 1e-6 else (normal[0] / norm, normal[1] / norm, normal[2] / norm)
+
+
 def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None, hash_patient: bool = True) -> SliceMeta:
     ipp = _floats(_value(ds, "ImagePositionPatient"), 3)
     iop = _floats(_value(ds, "ImageOrientationPatient"), 6)
     position = None
     if ipp is not None:
-        position = ipp[2]
-        if iop is not None:  # plain floats: numpy costs more than it saves on 3-vectors
-            (rx, ry, rz), (cx, cy, cz) = iop[:3], iop[3:]
-            normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-            norm = math.sqrt(sum(v * v for v in normal))
-            if norm > 1e-6:
-                position = sum(p * v for p, v in zip(ipp, normal)) / norm
+        normal = slice_normal(iop)
+        position = ipp[2] if normal is None else sum(p * v for p, v in zip(ipp, normal))
     spacing = _floats(_value(ds, "PixelSpacing"), 2)
     raw_type = _value(ds, "ImageType") or ()
     if isinstance(raw_type, str):

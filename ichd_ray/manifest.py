@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ichd_ray import storage
 from ichd_ray.config import IndexConfig
-from ichd_ray.dicom import DicomError, IncompleteHeader, read_header
+from ichd_ray.dicom import DicomError, IncompleteHeader, read_header, slice_normal
 
 __all__ = [
     "MANIFEST_SCHEMA",
@@ -124,12 +124,8 @@ def _header_row(entry: dict[str, Any], header_bytes: int, salt: str, storage_con
     except Exception as exc:  # never let one object stop the index
         row.update(reason="internal_error", message=f"{type(exc).__name__}: {exc}")
         return row
-    iop = meta.image_orientation
-    normal_z = None
-    if iop is not None:
-        normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
-        norm = float(np.linalg.norm(normal))
-        normal_z = abs(float(normal[2]) / norm) if norm > 1e-6 else None
+    normal = slice_normal(meta.image_orientation)
+    normal_z = abs(normal[2]) if normal is not None else None
     row.update(
         study_uid=meta.study_uid,
         series_uid=meta.series_uid,
