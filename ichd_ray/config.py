@@ -27,6 +27,8 @@ field fails at once with its dotted name and what is allowed::
     ray:
       address: null                # null: local Ray; "auto": the running cluster
       num_cpus: null               # local Ray only
+      autoscaling: false           # true where nodes come on demand (KubeRay autoscaler): a pool
+                                   # larger than the cluster right now waits instead of failing
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class StorageSection:
 class RaySection:
     address: str | None = None
     num_cpus: int | None = None
+    autoscaling: bool = False
 
     def validate(self, prefix: str = "ray") -> None:
         if self.num_cpus is not None:

@@ -355,7 +355,8 @@ def score_job(
     model_version = bundle_config.version_id
     thresholds = [float((bundle_config.thresholds or {}).get(c, 0.5)) for c in CLASSES]
 
-    _check_cluster_fits(job.score)  # before any work: a pool that cannot fit would hang
+    if not job.ray.autoscaling:
+        _check_cluster_fits(job.score)  # before any work: a pool that cannot fit would hang
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     # The actor pool is fixed and holds its CPUs from the start; the reservation only held the decode
@@ -470,7 +471,8 @@ def score_job(
 
 
 def _check_cluster_fits(cfg) -> None:
-    """Fail fast instead of hanging: the actor pool plus one decode task must fit the cluster."""
+    """Fail fast instead of hanging: the actor pool plus one decode task must fit the cluster as it is
+    (skipped with ``ray.autoscaling: true``, where the autoscaler adds the nodes)."""
     import ray
 
     from ichd_ray.config import ConfigError

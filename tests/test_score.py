@@ -162,6 +162,12 @@ def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, datas
     with pytest.raises(ConfigError, match="cpus_per_actor"):
         score_job(str(data), str(bundle), str(root / "never"), job=job)
     assert not (root / "never").exists()
+    from ichd_ray.score import _check_cluster_fits
+
+    # on an autoscaling cluster the check is skipped (nodes come on demand); the flag is validated
+    assert dataclasses.replace(job, ray=dataclasses.replace(job.ray, autoscaling=True)).validate().ray.autoscaling
+    with pytest.raises(ConfigError, match="GPUs"):
+        _check_cluster_fits(dataclasses.replace(JOB.score, num_gpus_per_actor=1.0))
 
 
 def test_decode_is_never_fused_into_the_model_actor(ray_session, dataset, monkeypatch):
