@@ -11,3 +11,6 @@ CLASSES: tuple[str, ...] = (
     "subdural",
     "any",
 )
+
+#: Weights of the challenge metric (and of the training loss), in :data:`CLASSES` order: ``any`` x2.
+CLASS_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)

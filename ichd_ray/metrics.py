@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ichd_ray import CLASSES
+from ichd_ray import CLASS_WEIGHTS, CLASSES
 
 __all__ = [
     "CLASS_WEIGHTS",
@@ -29,8 +29,6 @@ __all__ = [
     "choose_thresholds",
 ]
 
-#: Metric weights in :data:`ichd_ray.CLASSES` order: ``any`` counts twice.
-CLASS_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
 
 
 def _check(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

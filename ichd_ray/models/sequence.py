@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ichd_ray import CLASS_WEIGHTS  # loss weighted like the challenge metric: `any` x2
+
 __all__ = [
     "CLASS_WEIGHTS",
     "DZ_SCALE_MM",
@@ -30,9 +32,6 @@ __all__ = [
     "SequenceModel",
     "masked_bce",
 ]
-
-#: Loss weights in ``ichd_ray.CLASSES`` order: the RSNA metric weighs ``any`` twice.
-CLASS_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 
 #: Slice spacing is divided by this (a typical head-CT slice thickness) so the feature is O(1).
 DZ_SCALE_MM = 5.0
