@@ -18,8 +18,6 @@ import datetime as dt
 import io
 import os
 import platform
-import re
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +32,8 @@ from ichd_ray.preprocess import preprocess_slice  # noqa: E402
 from ichd_ray.synth import SynthConfig, plan_study, render_slice, slice_dataset  # noqa: E402
 from ichd_ray.windowing import DEFAULT_WINDOWS, area_resize, window_slice  # noqa: E402
 from ichd_ray.dicom import load_slice  # noqa: E402
+
+from benchmarks_md import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,16 +122,7 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        doc = path.read_text() if path.exists() else "# Benchmarks\n"
-        section = f"<!-- preprocess:start -->\n{text}\n<!-- preprocess:end -->"
-        if "<!-- preprocess:start -->" in doc:
-            doc = re.sub(r"<!-- preprocess:start -->.*?<!-- preprocess:end -->", lambda _: section, doc, flags=re.S)
-        else:
-            doc += f"\n## CPU preprocess stage (`bench/preprocess.py`)\n\n{section}\n"
-        path.write_text(doc)
-        print(f"\nwrote {path}", file=sys.stderr)
-
+        write_section("preprocess", "CPU preprocess stage (`bench/preprocess.py`)", text)
 
 if __name__ == "__main__":
     main()

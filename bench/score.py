@@ -31,10 +31,8 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,8 +46,9 @@ import pyarrow.compute  # noqa: E402,F401
 from ichd_ray import storage  # noqa: E402
 from ichd_ray.preprocess import preprocess_slice  # noqa: E402
 
+from benchmarks_md import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- score:start -->", "<!-- score:end -->"
 
 
 def log(msg: str) -> None:
@@ -585,8 +584,8 @@ def main() -> None:
         "itself scales across its cores."
     )
     notes.append(
-        f"- Where the time goes, 1: concurrency. With Ray Data's default operator resource reservation "
-        f"(`op_resource_reservation_enabled=True`, ratio 0.5) the decode tasks ran "
+        "- Where the time goes, 1: concurrency. With Ray Data's default operator resource reservation "
+        "(`op_resource_reservation_enabled=True`, ratio 0.5) the decode tasks ran "
         + ("about one at a time " if bt["concurrency"] < 1.25 else "")
         + f"(concurrency {bt['concurrency']:.2f} on {args.cpus} CPUs). With it off "
         f"(`DataContext.op_resource_reservation_enabled = False`) "
@@ -666,16 +665,7 @@ def main() -> None:
     print()
     print(text)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        doc = path.read_text() if path.exists() else "# Benchmarks\n"
-        section = f"{START}\n{text}\n{END}"
-        if START in doc:
-            doc = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, doc, flags=re.S)
-        else:
-            doc = doc.rstrip("\n") + f"\n\n## Scoring job: CPU stage and end to end (`bench/score.py`)\n\n{section}\n"
-        path.write_text(doc)
-        print(f"\nwrote {path}", file=sys.stderr)
-
+        write_section("score", "Scoring job: CPU stage and end to end (`bench/score.py`)", text)
 
 if __name__ == "__main__":
     main()

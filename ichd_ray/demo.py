@@ -63,7 +63,7 @@ def run_demo(cfg: DemoConfig):
     print(f"[2/3] writing an untrained {cfg.backbone} bundle ({cfg.input_size}px input) to {model}")
     bundle = init_bundle(model, cfg.backbone, input_size=cfg.input_size, seed=cfg.seed, overwrite=True)
     print(f"      version {bundle.version_id}")
-    print(f"[3/3] scoring on local Ray (index -> decode + window on CPU tasks -> CNN + sequence model on an actor)")
+    print("[3/3] scoring on local Ray (index -> decode + window on CPU tasks -> CNN + sequence model on an actor)")
     init_ray()
     summary = score_job(archive, model, results, job=JobConfig(), run_id="demo", progress=False)
     print()

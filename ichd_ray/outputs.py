@@ -165,8 +165,8 @@ def remove_other_attempts(out_uri: str, run_id: str, keep: str, storage_config=N
 
 
 def views_sql(out_uri: str) -> str:
-    """DuckDB views over committed attempts only (``runs``, ``slices``, ``studies``, ``errors``,
-    ``embeddings``), with ``{root}`` filled in."""
+    """DuckDB views over committed attempts only (``runs``, ``slices``, ``studies``, ``errors``; the
+    optional embeddings are read directly), with ``{root}`` filled in."""
     text = resources.files("ichd_ray").joinpath("sql/views.sql").read_text()
     root = out_uri.rstrip("/")
     return text.replace("{root}", root.replace("'", "''"))

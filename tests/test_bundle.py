@@ -233,7 +233,7 @@ def test_init_bundle_is_deterministic(tmp_path):
     bytes_a, bytes_b, bytes_c = (_weight_bytes(str(tmp_path / n)) for n in "abc")
     assert len(bytes_a) == 4 and bytes_a == bytes_b
     assert a.weights == b.weights and a.version_id != b.version_id
-    assert all(bytes_a[n] != bytes_c[n] for n in bytes_a)
+    assert all(bytes_a[n] != bytes_c[n] for n in bytes_a) and c.weights != a.weights
     assert bytes_a["cnn_fold0.safetensors"] != bytes_a["cnn_fold1.safetensors"]  # folds differ
     assert a.training == {"state": "untrained", "seed": 0}
 

@@ -1,5 +1,4 @@
 import pandas as pd
-import pytest
 
 from ichd_ray.manifest import MANIFEST_SCHEMA, select_series, study_table
 
