@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
 
@@ -187,9 +188,24 @@ def _coerce_scalar(hint: Any, value: Any, name: str) -> Any:
             return None
         raise ConfigError(f"{name}: must not be null")
     if "tuple" in text:
+        element = typing.get_args(hint)[0] if typing.get_args(hint) else str
+        if element is float:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ConfigError(f"{name}: expected a list of numbers, got {value!r}")
+            return tuple(float(v) for v in value)
+        if element is int:
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ConfigError(f"{name}: expected a list of integers, got {value!r}")
+            return tuple(value)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
         return tuple(value)
+    if "dict" in text:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
     if "bool" in text:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")

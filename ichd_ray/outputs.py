@@ -82,7 +82,9 @@ EMBEDDINGS_SCHEMA = pa.schema(
         ("study_uid", pa.string()),
         ("sop_uid", pa.string()),
         ("slice_index", pa.int32()),
+        ("position_z", pa.float64()),
         ("embedding", pa.list_(pa.float16())),
+        ("cnn_logits", pa.list_(pa.float32())),  # the embedding fold's CNN logits (6, CLASSES order)
     ]
 )
 RUNS_SCHEMA = pa.schema(

@@ -64,9 +64,15 @@ SCORED_SCHEMA = pa.schema(
         ("study_probs", pa.list_(pa.float32())),
         ("embeddings", pa.list_(pa.float16())),  # n x D, row-major; empty unless asked for
         ("embed_dim", pa.int32()),
+        ("cnn_logits", pa.list_(pa.float32())),  # n x 6, row-major; with the embeddings
         ("failures", pa.string()),
     ]
 )
+
+
+#: Memory a decode task needs beside its pixel buffer: pydicom's parse and one full-size decoded slice
+#: (measured peak 127-155 MiB per task with 256-512 px DICOMs; Ray Data warned at the bare buffer size).
+DECODE_BASE_MEMORY = 192 * 1024 * 1024
 
 
 def default_run_id(now: dt.datetime | None = None) -> str:
@@ -208,21 +214,23 @@ class StudyScoringActor:
                     failures += [{"uri": u, "stage": "score", "reason": "score_error", "message": message} for u in r["uris"]]
                 for key in ("uris", "sop_uids", "positions", "slice_indices"):
                     r[key] = []
-                slice_probs, study_probs, emb, dim = [], [], [], 0
+                slice_probs, study_probs, emb, dim, cnn_logits = [], [], [], 0, []
             else:
                 slice_probs = np.asarray(res.slice_probs, np.float32).reshape(-1).tolist()
                 study_probs = np.asarray(res.study_probs, np.float32).tolist()
                 if self.write_embeddings and res.embeddings is not None:
                     emb_arr = np.asarray(res.embeddings, np.float16)
                     emb, dim = emb_arr.reshape(-1).tolist(), int(emb_arr.shape[1])
+                    cnn_logits = np.asarray(res.cnn_logits, np.float32).reshape(-1).tolist()
                 else:
-                    emb, dim = [], 0
+                    emb, dim, cnn_logits = [], 0, []
             for key in ("study_uid", "series_uid", "uris", "sop_uids", "positions", "slice_indices"):
                 out[key].append(r[key])
             out["slice_probs"].append(slice_probs)
             out["study_probs"].append(study_probs)
             out["embeddings"].append(emb)
             out["embed_dim"].append(dim)
+            out["cnn_logits"].append(cnn_logits)
             out["failures"].append(json.dumps(failures))
         return pa.Table.from_pydict(out, schema=SCORED_SCHEMA)
 
@@ -270,13 +278,16 @@ def embeddings_rows(batch: pa.Table, *, run_id: str, model_version: str) -> pa.T
         if not r["embed_dim"]:
             continue
         emb = np.asarray(r["embeddings"], np.float16).reshape(len(r["uris"]), r["embed_dim"])
+        logits = np.asarray(r["cnn_logits"], np.float32).reshape(len(r["uris"]), len(CLASSES))
         for j in range(len(r["uris"])):
             out["run_id"].append(run_id)
             out["model_version"].append(model_version)
             out["study_uid"].append(r["study_uid"])
             out["sop_uid"].append(r["sop_uids"][j])
             out["slice_index"].append(r["slice_indices"][j])
+            out["position_z"].append(r["positions"][j])
             out["embedding"].append(emb[j].tolist())
+            out["cnn_logits"].append(logits[j].tolist())
     return pa.Table.from_pydict(out, schema=EMBEDDINGS_SCHEMA)
 
 
@@ -394,7 +405,7 @@ def score_job(
             # Its real peak (the batch's pixel buffer and the block Ray copies from it). Asking for it
             # also keeps Ray Data from fusing decode into the model actor when both ask for the same
             # CPUs: fused, decode ran inside the actor and the model waited for it (BENCHMARKS.md).
-            memory=2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size,
+            memory=DECODE_BASE_MEMORY + 2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size,
         )
         ds = ds.map_batches(
             StudyScoringActor,

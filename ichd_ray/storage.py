@@ -495,13 +495,16 @@ class FileEntry:
     etag: str | None
 
 
-def read_bytes(uri: UriLike, config: StorageConfig | None = None, *, length: int | None = None) -> bytes:
-    """Read a whole file or object, or only its first ``length`` bytes (one ranged GET on S3).
+def read_bytes(
+    uri: UriLike, config: StorageConfig | None = None, *, length: int | None = None, offset: int = 0
+) -> bytes:
+    """Read a whole file or object, or ``length`` bytes from ``offset`` (one ranged GET on S3).
 
     Args:
         uri: Local path, ``file://`` or ``s3://`` URI.
         config: S3 settings; None means :meth:`StorageConfig.from_env`.
-        length: read at most this many bytes from the start (headers without pixel data).
+        length: read at most this many bytes (headers without pixel data, one cached slice).
+        offset: first byte to read; needs ``length`` when > 0.
 
     Returns:
         bytes: The content.
@@ -511,10 +514,14 @@ def read_bytes(uri: UriLike, config: StorageConfig | None = None, *, length: int
         PermissionError: Access denied.
     """
     text = os.fspath(uri)
+    if offset < 0 or (offset and length is None):
+        raise ValueError(f"read_bytes({text}): offset must be >= 0 and needs a length, got offset={offset}, length={length}")
     scheme, path = parse_uri(text)
     if scheme == "file":
         try:
             with open(path, "rb") as fh:
+                if offset:
+                    fh.seek(offset)
                 return fh.read() if length is None else fh.read(length)
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "No such file", text) from None
@@ -522,7 +529,7 @@ def read_bytes(uri: UriLike, config: StorageConfig | None = None, *, length: int
     if not key:
         raise IsADirectoryError(errno.EISDIR, "Not an object (no key)", text)
     try:
-        ranged = {} if length is None else {"Range": f"bytes=0-{max(length, 1) - 1}"}
+        ranged = {} if length is None else {"Range": f"bytes={offset}-{offset + max(length, 1) - 1}"}
         response = boto3_client(config).get_object(Bucket=bucket, Key=key, **ranged)
         with response["Body"] as body:
             return body.read()

@@ -146,6 +146,10 @@ def test_embeddings_and_cli(ray_session, dataset, capsys):
     assert set(emb["sop_uid"]) == set(slices["sop_uid"])
     dims = {len(e) for e in emb["embedding"]}
     assert len(dims) == 1 and dims.pop() > 8 and emb["embedding"].iloc[0].dtype == np.float16
+    # The CNN logits and z positions travel with the embeddings: the sequence stage's other inputs.
+    assert {len(v) for v in emb["cnn_logits"]} == {6}
+    positions = query(str(out), "SELECT sop_uid, position_z FROM slices").set_index("sop_uid")["position_z"]
+    assert np.allclose(emb.set_index("sop_uid")["position_z"].sort_index(), positions.sort_index())
     assert main(["results", str(out), "--sql", "SELECT count(*) AS n FROM studies"]) == 0
     assert str(SYNTH.studies) in capsys.readouterr().out
     bad = root / "bad.yaml"

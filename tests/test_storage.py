@@ -175,6 +175,9 @@ def test_local_round_trip(tmp_path, style):
     storage.write_bytes(uri, b"hello")  # creates the parents
     assert storage.exists(uri)
     assert storage.read_bytes(uri) == b"hello"
+    assert storage.read_bytes(uri, length=3, offset=1) == b"ell"
+    with pytest.raises(ValueError, match="needs a length"):
+        storage.read_bytes(uri, offset=1)
     storage.write_bytes(uri, memoryview(b"replaced"))
     assert storage.read_bytes(uri) == b"replaced"
     assert (tmp_path / "deep" / "er" / "x.bin").read_bytes() == b"replaced"
@@ -327,6 +330,7 @@ def test_s3_round_trip(s3_bucket):
     assert storage.exists(f"s3://{bucket}", cfg)
     assert not storage.exists(f"s3://{bucket}/di", cfg)
     assert storage.read_bytes(uri, cfg) == b"\x00DICM" * 100
+    assert storage.read_bytes(uri, cfg, length=4, offset=6) == b"DICM"  # one ranged GET from an offset
     storage.write_bytes(uri, bytearray(b"v2"), cfg)
     assert storage.read_bytes(uri, cfg) == b"v2"
     storage.delete(uri, cfg)

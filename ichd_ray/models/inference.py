@@ -59,11 +59,14 @@ class StudyScores:
         slice_probs: float32 [T, C], per-slice probabilities (fold average).
         study_probs: float32 [C], study-level probabilities (fold average).
         embeddings: float16 [T, D] CNN embeddings of one fold, when requested; else None.
+        cnn_logits: float32 [T, C] that fold's CNN logits, alongside ``embeddings`` (the sequence
+            model's other input, and the "CNN alone" out-of-fold prediction); else None.
     """
 
     slice_probs: np.ndarray
     study_probs: np.ndarray
     embeddings: np.ndarray | None = None
+    cnn_logits: np.ndarray | None = None
 
 
 def _chunks(studies: Sequence[StudyInput], size: int) -> Iterator[np.ndarray]:
@@ -200,9 +203,10 @@ class StudyScorer:
             study_sum += torch.sigmoid(study_logits)
         slice_probs = (slice_sum / folds).cpu().numpy()
         study_probs = (study_sum / folds).cpu().numpy()
-        embeddings = None
+        embeddings = cnn_logits = None
         if self.return_embeddings if return_embeddings is None else return_embeddings:
             embeddings = emb[self.embedding_fold].half().cpu().numpy()
+            cnn_logits = logits[self.embedding_fold].float().cpu().numpy()
 
         out, start = [], 0
         for b, t in enumerate(lengths):
@@ -211,6 +215,7 @@ class StudyScorer:
                     slice_probs=np.ascontiguousarray(slice_probs[b, :t], dtype=np.float32),
                     study_probs=np.ascontiguousarray(study_probs[b], dtype=np.float32),
                     embeddings=None if embeddings is None else embeddings[start : start + t].copy(),
+                    cnn_logits=None if cnn_logits is None else cnn_logits[start : start + t].copy(),
                 )
             )
             start += t

@@ -129,7 +129,9 @@ class SliceCNN(nn.Module):
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
-        self.num_features: int = self.backbone.num_features
+        # With num_classes=0 some families (MobileNetV3, EfficientNet-lite heads) still apply a pre-logits
+        # layer; timm reports its width as head_hidden_size, which then differs from num_features.
+        self.num_features: int = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
         # Non-persistent: config.json is the single record of the normalisation, not the weights.

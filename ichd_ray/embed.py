@@ -1,0 +1,109 @@
+"""Stage 2: out-of-fold CNN embeddings, through the scoring job itself.
+
+Fold k's CNN never saw fold k's studies, so its embeddings and logits of those studies are what the
+sequence model will see at scoring time on new data. Each fold runs :func:`ichd_ray.score.score_job`
+(the same decode tasks and model actors as production scoring, ``write_embeddings`` on) with a
+one-fold bundle holding CNN k, over a manifest of fold k's studies. Output per fold:
+``WORK/embed/fold<k>/out/embeddings/...`` (study, SOP, slice index, z, float16 embedding, CNN logits),
+committed like any scoring run, and skipped when a resumed run finds it committed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from ichd_ray import storage
+
+__all__ = ["embed_fold", "read_embeddings"]
+
+logger = logging.getLogger(__name__)
+
+RUN_ID = "oof"
+
+
+def _fold_prefix(work_uri: str, fold: int) -> str:
+    return storage.join(work_uri, "embed", f"fold{fold}")
+
+
+def read_embeddings(out_uri: str, storage_config: storage.StorageConfig | None = None) -> pd.DataFrame:
+    """The committed embeddings of an embedding run (only the attempt its runs object names)."""
+    from ichd_ray.outputs import read_run, table_prefix
+
+    run = read_run(out_uri, RUN_ID, storage_config)
+    if run is None:
+        raise FileNotFoundError(f"{out_uri}: no committed embedding run {RUN_ID!r}")
+    fs, path = storage.filesystem(table_prefix(out_uri, "embeddings", RUN_ID, run["attempt"]), storage_config)
+    return pq.read_table(path, filesystem=fs, partitioning=None).to_pandas()
+
+
+def embed_fold(
+    training_set,
+    fold: int,
+    cfg,
+    work_uri: str,
+    cnn_weights_uri: str,
+    *,
+    storage_config: storage.StorageConfig | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Embed fold ``fold``'s studies with CNN ``fold`` (out-of-fold); returns the embeddings table.
+
+    Args:
+        training_set: :class:`ichd_ray.train_data.TrainingSet`.
+        fold: Which fold (and which CNN).
+        cfg: :class:`ichd_ray.train_config.TrainConfig` (its ``score`` section sizes the actor pool).
+        work_uri: Work folder.
+        cnn_weights_uri: CNN ``fold``'s safetensors weights.
+        storage_config: Driver storage settings.
+        progress: Ray Data progress bars.
+    """
+    import safetensors.torch
+
+    from ichd_ray.manifest import MANIFEST_SCHEMA, write_manifest
+    from ichd_ray.models.bundle import BundleConfig, save_bundle
+    from ichd_ray.outputs import read_run
+    from ichd_ray.score import score_job
+    from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+
+    prefix = _fold_prefix(work_uri, fold)
+    out_uri = storage.join(prefix, "out")
+    run = read_run(out_uri, RUN_ID, storage_config)
+    if run is not None and run["status"] == "succeeded":
+        return read_embeddings(out_uri, storage_config)
+
+    bundle_uri = storage.join(prefix, "bundle")
+    config = BundleConfig(
+        backbone=cfg.cnn.backbone,
+        embed_dim=1,  # replaced below with the backbone's width
+        input_size=cfg.data.input_size,
+        folds=1,
+        windows=DEFAULT_WINDOWS,
+        normalization=DEFAULT_NORMALIZATION,
+        sequence=cfg.sequence.model_config(),
+        training={"state": "oof-embedding", "fold": fold},
+        version_id=f"oof-fold{fold}",
+    )
+    cnn = config.build_cnn()
+    cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri, storage_config)), strict=True)
+    from dataclasses import replace
+
+    from ichd_ray.models.sequence import SequenceModel
+
+    config = replace(config, embed_dim=cnn.num_features)
+    seq = SequenceModel.from_config(cnn.num_features, config.sequence)  # unused: only the CNN outputs matter here
+    save_bundle(bundle_uri, config, [cnn], [seq], storage_config, overwrite=True)
+
+    manifest = training_set.manifest
+    rows = manifest[(manifest["fold"] == fold)][MANIFEST_SCHEMA.names]
+    manifest_uri = storage.join(prefix, "manifest.parquet")
+    write_manifest(rows, manifest_uri, storage_config)
+    summary = score_job(
+        None, bundle_uri, out_uri, job=cfg.job_config(), run_id=RUN_ID, manifest_uri=manifest_uri,
+        progress=progress, storage_config=storage_config,
+    )
+    if summary.n_rejected:
+        logger.warning("embedding fold %d: %d slice(s) could not be embedded: %s", fold, summary.n_rejected, summary.reasons)
+    return read_embeddings(out_uri, storage_config)

@@ -1,0 +1,301 @@
+"""The training workflow: folds -> CNN per fold -> out-of-fold embeddings -> sequence model per fold ->
+bundle, with out-of-fold metrics against a prior-only baseline.
+
+``ichd-ray train all`` runs :func:`train_all`; ``train cnn`` and ``train sequence`` run its two halves.
+Every stage writes its result under ``WORK`` and skips work it finds done, so re-running the same
+command after a crash resumes where it stopped: the manifest and folds are read back, cached studies
+are not decoded again, a finished fold is not retrained, and a fold in progress resumes from its last
+Ray Train checkpoint (same ``RunConfig(name, storage_path)``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from ichd_ray import CLASSES, __version__, storage
+
+__all__ = ["TrainResult", "default_work_uri", "train_cnn_stage", "train_sequence_stage", "train_all", "format_metrics"]
+
+
+def default_work_uri(out_uri: str) -> str:
+    """``<bundle>-work``: beside the bundle, never inside it (the cache is far bigger than the weights)."""
+    return out_uri.rstrip("/") + "-work"
+
+
+@dataclass
+class TrainResult:
+    bundle_uri: str
+    version_id: str
+    metrics: dict[str, Any]
+    table: str
+    seconds: float
+
+
+def _windows_and_norm():
+    from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+
+    return [w.to_dict() for w in DEFAULT_WINDOWS], DEFAULT_NORMALIZATION.to_dict()
+
+
+def _training_set(data_uri, labels_uri, work_uri, cfg, storage_config):
+    from ichd_ray.train_data import prepare_training_set
+
+    return prepare_training_set(
+        data_uri, labels_uri, work_uri, folds=cfg.data.folds, fold_seed=cfg.data.fold_seed,
+        index_config=cfg.index, storage_config=storage_config,
+    )
+
+
+def train_cnn_stage(
+    data_uri: str,
+    labels_uri: str,
+    work_uri: str,
+    cfg,
+    *,
+    storage_config: storage.StorageConfig | None = None,
+    log: Callable[[str], None] = print,
+    fault: dict | None = None,
+) -> dict[str, Any]:
+    """Index + labels + folds, the decoded cache, then one CNN per fold (Ray must be initialised)."""
+    from ichd_ray.train_cnn import train_cnn_fold
+    from ichd_ray.train_data import build_cache
+
+    started = time.perf_counter()
+    ts = _training_set(data_uri, labels_uri, work_uri, cfg, storage_config)
+    counts = pd.Series([s["fold"] for s in ts.studies]).value_counts().sort_index().tolist()
+    log(f"  data: {len(ts.studies)} labelled studies, folds by patient: {counts} studies"
+        + (f"; {len(ts.dropped)} left out (unlabelled slices)" if ts.dropped else ""))
+    windows, norm = _windows_and_norm()
+    studies, failures = build_cache(
+        ts, work_uri, size=cfg.data.input_size, windows=windows, studies_per_task=cfg.data.studies_per_task,
+        cpus_per_task=cfg.data.cpus_per_decode_task, storage_config=storage_config,
+    )
+    n_slices = sum(s["n"] for s in studies)
+    log(f"  cache: {n_slices} slices at {cfg.data.input_size}px" + (f"; {len(failures)} could not be decoded:" if failures else ""))
+    for f in failures[:5]:
+        log(f"    {f['uri']}: {f['reason']} ({f['message']})")
+    folds = []
+    for k in range(cfg.data.folds):
+        summary = train_cnn_fold(studies, k, cfg, work_uri, normalization=norm, storage_config=storage_config, fault=fault)
+        last = summary["history"][-1]
+        log(f"  cnn fold {k}: {len(summary['history'])} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, "
+            f"{last.get('train_samples_per_s', 0):.0f} samples/s")
+        folds.append(summary)
+    return {"folds": folds, "studies": len(studies), "slices": n_slices, "decode_failures": failures, "seconds": time.perf_counter() - started}
+
+
+def _labels_frame(manifest: pd.DataFrame) -> pd.DataFrame:
+    from ichd_ray.labels import label_id
+    from ichd_ray.train_data import LABEL_COLUMNS
+
+    used = manifest[manifest["fold"] >= 0].drop_duplicates("sop_uid")
+    frame = pd.DataFrame(used[LABEL_COLUMNS].to_numpy(np.uint8), columns=list(CLASSES), index=[label_id(s) for s in used["sop_uid"]])
+    frame.index.name = "image_id"
+    return frame
+
+
+def _slice_frame(rows: list[dict[str, Any]], probs: list[np.ndarray]) -> pd.DataFrame:
+    parts = []
+    for r, p in zip(rows, probs):
+        part = pd.DataFrame(np.asarray(p, np.float64).reshape(-1, len(CLASSES)), columns=[f"p_{c}" for c in CLASSES])
+        part.insert(0, "study_uid", r["study_uid"])
+        part.insert(1, "sop_uid", r["sop_uids"])
+        part.insert(2, "slice_index", np.arange(len(part)))
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def out_of_fold_predictions(rows, folds: int, cfg, work_uri, storage_config) -> dict[str, pd.DataFrame]:
+    """Per slice, out of fold: the prior baseline, the CNN alone and CNN + sequence; plus study-head probabilities."""
+    import safetensors.torch
+
+    from ichd_ray.models.sequence import SequenceModel
+    from ichd_ray.train_sequence import _decode, predict_studies, sequence_weights_uri
+
+    prior, cnn, seq, study_head, ordered = [], [], [], {}, []
+    for k in range(folds):
+        train = [r for r in rows if r["fold"] != k]
+        held = [r for r in rows if r["fold"] == k]
+        if not held:
+            continue
+        prevalence = np.concatenate([_decode(r)["labels"] for r in train]).mean(axis=0).clip(1e-6, 1 - 1e-6)
+        model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.model_config(), len(CLASSES))
+        model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
+        preds = predict_studies(model, held)
+        for r, (slice_p, study_p) in zip(held, preds):
+            n = int(r["n"])
+            prior.append(np.tile(prevalence, (n, 1)))
+            cnn.append(1.0 / (1.0 + np.exp(-_decode(r)["logits"].astype(np.float64))))
+            seq.append(slice_p)
+            study_head[r["study_uid"]] = study_p
+        ordered += held
+    return {
+        "prior": _slice_frame(ordered, prior),
+        "cnn": _slice_frame(ordered, cnn),
+        "cnn_sequence": _slice_frame(ordered, seq),
+        "study_head": pd.DataFrame.from_dict(study_head, orient="index", columns=[f"p_{c}" for c in CLASSES]),
+    }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The final table: prior-only baseline, CNN alone and CNN + sequence, all out of fold."""
+    names = {"prior": "prior-only baseline", "cnn": "CNN alone", "cnn_sequence": "CNN + sequence"}
+    lines = [f"{'out of fold':<22}{'slice wLL':>11}{'study wLL':>11}{'any AUC':>9}{'ETH F1':>8}"]
+    for key, label in names.items():
+        m = metrics[key]
+        auc = m["slice"]["per_class"]["any"]["auc"]
+        f1 = m["eth"]["f1"]
+        lines.append(
+            f"{label:<22}{m['slice']['weighted_log_loss']:>11.4f}{m['study']['weighted_log_loss']:>11.4f}"
+            f"{(auc if auc is not None else float('nan')):>9.3f}{(f1 if f1 is not None else float('nan')):>8.3f}"
+        )
+    gains = metrics["gains"]
+    lines.append(
+        f"slice wLL: CNN {gains['cnn_vs_prior']:+.1%} vs prior, CNN + sequence {gains['sequence_vs_cnn']:+.1%} vs CNN "
+        f"({gains['sequence_vs_prior']:+.1%} vs prior)"
+    )
+    return "\n".join(lines)
+
+
+def train_sequence_stage(
+    work_uri: str,
+    out_uri: str,
+    cfg,
+    *,
+    storage_config: storage.StorageConfig | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    fault: dict | None = None,
+    overwrite: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Out-of-fold embeddings (scoring actors), one sequence model per fold, metrics, the bundle."""
+    import safetensors.torch
+
+    from ichd_ray.embed import embed_fold
+    from ichd_ray.evaluate import evaluate_predictions
+    from ichd_ray.metrics import choose_thresholds
+    from ichd_ray.models.bundle import BundleConfig, save_bundle
+    from ichd_ray.models.sequence import SequenceModel
+    from ichd_ray.models.slice_cnn import SliceCNN
+    from ichd_ray.train_cnn import cnn_weights_uri
+    from ichd_ray.train_data import load_training_set
+    from ichd_ray.train_sequence import sequence_rows, sequence_weights_uri, train_sequence_fold
+
+    started = time.perf_counter()
+    ts = load_training_set(work_uri, storage_config)
+    if ts.folds != cfg.data.folds:
+        raise ValueError(f"{work_uri} holds {ts.folds} folds but data.folds is {cfg.data.folds}")
+    tables = []
+    for k in range(cfg.data.folds):
+        uri = cnn_weights_uri(work_uri, k)
+        if not storage.exists(uri, storage_config):
+            raise FileNotFoundError(f"CNN fold {k} has no weights at {uri}: run `ichd-ray train cnn` first")
+        t0 = time.perf_counter()
+        tables.append(embed_fold(ts, k, cfg, work_uri, uri, storage_config=storage_config, progress=progress))
+        log(f"  embeddings fold {k}: {len(tables[-1])} slices out of fold ({time.perf_counter() - t0:.0f} s)")
+    rows = sequence_rows(pd.concat(tables, ignore_index=True), ts.manifest)
+    seq_summaries = []
+    for k in range(cfg.data.folds):
+        summary = train_sequence_fold(rows, k, cfg, work_uri, storage_config=storage_config, fault=fault)
+        last = summary["history"][-1]
+        log(f"  sequence fold {k}: {len(summary['history'])} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
+        seq_summaries.append(summary)
+
+    preds = out_of_fold_predictions(rows, cfg.data.folds, cfg, work_uri, storage_config)
+    labels = _labels_frame(ts.manifest)
+    metrics: dict[str, Any] = {key: evaluate_predictions(preds[key], labels) for key in ("prior", "cnn", "cnn_sequence")}
+    wll = {key: metrics[key]["slice"]["weighted_log_loss"] for key in ("prior", "cnn", "cnn_sequence")}
+    metrics["gains"] = {
+        "cnn_vs_prior": wll["cnn"] / wll["prior"] - 1,
+        "sequence_vs_cnn": wll["cnn_sequence"] / wll["cnn"] - 1,
+        "sequence_vs_prior": wll["cnn_sequence"] / wll["prior"] - 1,
+    }
+    # Thresholds for `flagged` are chosen where they are used: on the study head's out-of-fold output.
+    study_truth = preds["cnn"].merge(labels, left_on=preds["cnn"]["sop_uid"].map(_label_id), right_index=True)
+    study_y = study_truth.groupby("study_uid")[list(CLASSES)].max()
+    head = preds["study_head"].loc[study_y.index]
+    thresholds = dict(zip(CLASSES, choose_thresholds(study_y.to_numpy(), head.to_numpy())))
+    metrics["thresholds"] = thresholds
+
+    # The bundle: CNN k and sequence model k from the work folder, written like any bundle.
+    cnns, seqs = [], []
+    probe = SliceCNN(cfg.cnn.backbone, len(CLASSES))
+    for k in range(cfg.data.folds):
+        cnn = SliceCNN(cfg.cnn.backbone, len(CLASSES))
+        cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri(work_uri, k), storage_config)))
+        seq = SequenceModel.from_config(probe.num_features, cfg.sequence.model_config(), len(CLASSES))
+        seq.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
+        cnns.append(cnn)
+        seqs.append(seq)
+    cnn_summaries = [json.loads(storage.read_bytes(cnn_weights_uri(work_uri, k).replace(".safetensors", ".json"), storage_config))
+                     for k in range(cfg.data.folds)]
+    training = {
+        "state": "trained",
+        "code_version": __version__,
+        "config": cfg.to_dict(),
+        "config_sha256": cfg.sha256(),
+        "manifest_uri": storage.join(work_uri, "train_manifest.parquet"),
+        "manifest_sha256": ts.manifest_sha256,
+        "studies_per_fold": pd.Series([r["fold"] for r in rows]).value_counts().sort_index().tolist(),
+        "metrics": _compact(metrics),
+        "cnn_history": [s["history"] for s in cnn_summaries],
+        "sequence_history": [s["history"] for s in seq_summaries],
+        **(provenance or {}),
+    }
+    windows, norm = _windows_and_norm()
+    config = BundleConfig(
+        backbone=cfg.cnn.backbone,
+        embed_dim=probe.num_features,
+        input_size=cfg.data.input_size,
+        folds=cfg.data.folds,
+        sequence=cfg.sequence.model_config(),
+        thresholds=thresholds,
+        training=training,
+    )
+    written = save_bundle(out_uri, config, cnns, seqs, storage_config, overwrite=overwrite)
+    storage.write_bytes(storage.join(work_uri, "metrics.json"), json.dumps(_compact(metrics), indent=1).encode(), storage_config)
+    return TrainResult(out_uri, written.version_id, metrics, format_metrics(metrics), time.perf_counter() - started)
+
+
+def _label_id(sop: str) -> str:
+    from ichd_ray.labels import label_id
+
+    return label_id(sop)
+
+
+def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy (NaN -> None)."""
+    return json.loads(json.dumps(metrics, default=float).replace("NaN", "null"))
+
+
+def train_all(
+    data_uri: str,
+    labels_uri: str,
+    out_uri: str,
+    cfg,
+    *,
+    work_uri: str | None = None,
+    storage_config: storage.StorageConfig | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    overwrite: bool = False,
+    fault: dict | None = None,
+) -> TrainResult:
+    """Folds -> CNN -> embeddings -> sequence -> bundle at ``out_uri`` (Ray must be initialised)."""
+    work_uri = work_uri or default_work_uri(out_uri)
+    started = time.perf_counter()
+    log(f"[1/2] CNN stage: {cfg.data.folds} folds of {cfg.cnn.backbone} at {cfg.data.input_size}px (work: {work_uri})")
+    cnn = train_cnn_stage(data_uri, labels_uri, work_uri, cfg, storage_config=storage_config, log=log, fault=fault)
+    log("[2/2] sequence stage: out-of-fold embeddings through the scoring actors, then one sequence model per fold")
+    result = train_sequence_stage(
+        work_uri, out_uri, cfg, storage_config=storage_config, log=log, progress=progress, overwrite=overwrite,
+        provenance={"data_uri": data_uri, "labels_uri": labels_uri, "cnn_stage_seconds": cnn["seconds"]},
+    )
+    return replace(result, seconds=time.perf_counter() - started)

@@ -1,0 +1,266 @@
+"""Stage 1: the per-slice CNN of one fold on Ray Train (DDP; gloo on CPU, nccl on GPU).
+
+Data comes from Ray Data (:func:`ichd_ray.train_data.train_dataset`): each epoch draws
+``samples_per_study x training studies`` slices, a random study then a random slice, read from the
+decoded cache and augmented on CPU tasks, and streams into ``get_dataset_shard("train")``. The loss is
+the class-weighted BCE of the challenge metric (``any`` x2); AdamW with a linear warm-up and a cosine
+decay per step; bf16 autocast on GPU. Every epoch ends with the held-out fold's weighted log loss and a
+checkpoint (safetensors + JSON, see :mod:`ichd_ray.checkpoint`) under ``WORK/ray_train/cnn-fold<k>``.
+A failed worker restarts the group from the last checkpoint (``FailureConfig``); a re-run of the same
+command (same ``RunConfig(name, storage_path)``) resumes after a driver failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from ichd_ray import CLASS_WEIGHTS, CLASSES, storage
+
+__all__ = ["lr_at", "cnn_train_loop", "train_cnn_fold", "ray_run_config", "cnn_weights_uri"]
+
+
+def lr_at(step: int, total: int, peak: float, warmup_fraction: float, min_fraction: float) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up, then cosine from ``peak`` to ``min_fraction x peak``."""
+    warmup = int(round(warmup_fraction * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = min_fraction * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _fault_hook(fault: dict | None, epoch: int, step: int, rank: int) -> None:
+    """Test hook: rank 0 dies once at (epoch, step), like a node lost mid-epoch."""
+    if fault and rank == 0 and epoch == fault["epoch"] and step == fault["step"] and not os.path.exists(fault["marker"]):
+        open(fault["marker"], "w").close()
+        os._exit(1)
+
+
+def _all_reduce(values: np.ndarray) -> np.ndarray:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+        dist.all_reduce(t)
+        return t.numpy()
+    return values
+
+
+def _weighted_log_loss_from_sums(bce_sums: np.ndarray, count: float) -> float:
+    """The challenge metric from per-class BCE sums: sum_c w_c * mean_c / sum_c w_c."""
+    w = np.asarray(CLASS_WEIGHTS, dtype=np.float64)
+    return float((w * bce_sums / max(count, 1.0)).sum() / w.sum())
+
+
+def cnn_train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. ``config``: cnn (CnnSection dict), fold, input_size,
+    normalization {mean, std}, steps_per_epoch, fault (test hook or None)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.nn.functional as F
+
+    from ichd_ray.checkpoint import load_train_state, save_train_state, unwrap
+    from ichd_ray.models.sequence import masked_bce
+    from ichd_ray.models.slice_cnn import SliceCNN
+
+    cnn = config["cnn"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if cnn["torch_threads"]:
+        torch.set_num_threads(cnn["torch_threads"])
+    torch.manual_seed(cnn["seed"] * 1000 + config["fold"])
+    norm = config["normalization"]
+    model = SliceCNN(
+        cnn["backbone"], len(CLASSES), pretrained_path=cnn["pretrained_path"], drop_rate=cnn["drop_rate"],
+        mean=norm["mean"], std=norm["std"],
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cnn["lr"], weight_decay=cnn["weight_decay"])
+    epochs, steps_per_epoch = cnn["epochs"], config["steps_per_epoch"]
+    total_steps = epochs * steps_per_epoch
+    start_epoch, history, resumed_from = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_train_state(directory, model, optimizer)
+        start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    cuda = device.type == "cuda"
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        step = epoch * steps_per_epoch
+        batches = train_shard.iter_batches(batch_size=cnn["batch_size"], batch_format="numpy", drop_last=True, prefetch_batches=2)
+        for i, batch in enumerate(batches):
+            _fault_hook(config.get("fault"), epoch, i, rank)
+            if i >= steps_per_epoch:  # equal shards make this a no-op; it bounds the schedule if not
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cnn["lr"], cnn["warmup_fraction"], cnn["min_lr_fraction"])
+            x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
+            y = torch.from_numpy(np.ascontiguousarray(batch["label"])).to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                _, logits = model(x)
+            loss = masked_bce(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * len(x)
+            seen += len(x)
+            step += 1
+        train_seconds = time.perf_counter() - started
+
+        # Held-out fold: per-class BCE sums reduced over workers give the exact challenge metric.
+        sums = np.zeros(len(CLASSES) + 1)
+        if val_shard is not None:
+            net = unwrap(model).eval()  # no DDP in eval: shards may differ in length, nothing to sync
+            with torch.no_grad():
+                for batch in val_shard.iter_batches(batch_size=128, batch_format="numpy"):
+                    x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+                    y = torch.from_numpy(np.ascontiguousarray(batch["label"])).to(device)
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                        _, logits = net(x)
+                    p = torch.sigmoid(logits.float()).clamp(1e-15, 1 - 1e-15)
+                    bce = F.binary_cross_entropy(p, y, reduction="none").sum(dim=0)
+                    sums[:-1] += bce.double().cpu().numpy()
+                    sums[-1] += len(x)
+        totals = _all_reduce(np.concatenate([sums, [loss_sum, seen]]))
+        metrics = {
+            "epoch": epoch,
+            "train_loss": totals[-2] / max(totals[-1], 1),
+            "val_weighted_log_loss": _weighted_log_loss_from_sums(totals[: len(CLASSES)], totals[len(CLASSES)]) if totals[len(CLASSES)] else None,
+            "val_slices": int(totals[len(CLASSES)]),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_samples_per_s": totals[-1] / train_seconds if train_seconds > 0 else 0.0,
+            "resumed_from_epoch": resumed_from,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt = None
+            if rank == 0:
+                save_train_state(directory, model, optimizer, {"epoch": epoch, "history": history})
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt)
+
+
+def ray_run_config(work_uri: str, name: str, max_failures: int, storage_config: storage.StorageConfig | None):
+    """``RunConfig(name, storage_path)`` under ``WORK/ray_train``: the same call resumes the same run."""
+    import ray.train
+
+    scheme, _ = storage.parse_uri(work_uri)
+    base = storage.join(work_uri, "ray_train")
+    if scheme == "file":
+        path, fs = os.path.abspath(storage.parse_uri(base)[1]), None
+    else:
+        fs, path = storage.filesystem(base, storage_config)
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+    )
+
+
+def cnn_weights_uri(work_uri: str, fold: int) -> str:
+    return storage.join(work_uri, "cnn", f"fold{fold}.safetensors")
+
+
+def train_cnn_fold(
+    studies: list[dict[str, Any]],
+    fold: int,
+    cfg,
+    work_uri: str,
+    *,
+    normalization: dict,
+    storage_config: storage.StorageConfig | None = None,
+    fault: dict | None = None,
+) -> dict[str, Any]:
+    """Train CNN ``fold`` on the other folds' studies; validate on fold ``fold`` every epoch.
+
+    Args:
+        studies: Cached training studies (:func:`ichd_ray.train_data.build_cache`), all folds.
+        fold: The held-out fold.
+        cfg: :class:`ichd_ray.train_config.TrainConfig`.
+        work_uri: Work folder (checkpoints, final weights).
+        normalization: ``{mean, std}`` of the CNN input.
+        storage_config: Driver storage settings.
+        fault: Test hook ``{marker, epoch, step}``: rank 0 exits once there.
+
+    Returns:
+        dict: ``weights_uri``, ``history`` (per-epoch metrics), ``seconds``. When the fold's weights
+        already exist (a resumed ``train all``) it returns them without training.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import save_file
+
+    from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
+    from ichd_ray.train_data import train_dataset, val_dataset
+
+    weights_uri = cnn_weights_uri(work_uri, fold)
+    summary_uri = weights_uri.replace(".safetensors", ".json")
+    if storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config):
+        return json.loads(storage.read_bytes(summary_uri, storage_config))
+
+    c = cfg.cnn
+    train = [s for s in studies if s["fold"] != fold]
+    held_out = [s for s in studies if s["fold"] == fold]
+    workers_sc = storage_config.for_workers() if storage_config else None
+    samples = c.samples_per_study * len(train)
+    steps_per_epoch = samples // (c.num_workers * c.batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"cnn fold {fold}: {samples} samples per epoch cannot fill one batch of {c.batch_size} on each of "
+            f"{c.num_workers} workers: raise cnn.samples_per_study or lower cnn.batch_size"
+        )
+    datasets = {
+        "train": train_dataset(train, samples=samples, batch_size=c.batch_size, size=cfg.data.input_size,
+                               augment=dict(c.augment), cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc),
+        "val": val_dataset(held_out, size=cfg.data.input_size, cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc),
+    }
+    trainer = TorchTrainer(
+        cnn_train_loop,
+        train_loop_config={
+            "cnn": json.loads(json.dumps(cfg.to_dict()["cnn"])),
+            "fold": fold,
+            "input_size": cfg.data.input_size,
+            "normalization": normalization,
+            "steps_per_epoch": steps_per_epoch,
+            "fault": fault,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
+        ),
+        run_config=ray_run_config(work_uri, f"cnn-fold{fold}", c.max_failures, storage_config),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, STATE_FILE)) as fh:
+            history = json.load(fh)["history"]
+        from safetensors.torch import load_file
+
+        weights = load_file(os.path.join(directory, MODEL_FILE))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.safetensors")
+        save_file(weights, path, metadata={"kind": "cnn", "fold": str(fold), "backbone": c.backbone})
+        with open(path, "rb") as fh:
+            storage.write_bytes(weights_uri, fh.read(), storage_config)
+    summary = {"fold": fold, "weights_uri": weights_uri, "history": history, "seconds": time.perf_counter() - started,
+               "train_studies": len(train), "val_studies": len(held_out), "steps_per_epoch": steps_per_epoch}
+    storage.write_bytes(summary_uri, json.dumps(summary, indent=1).encode(), storage_config)
+    return summary

@@ -1,0 +1,278 @@
+"""Training configuration: one typed object for ``ichd-ray train``, validated before Ray starts.
+
+A preset (``demo`` or ``rsna``) gives every value; a YAML file (``--config train.yaml``) overrides any of
+them by section, and a bad field fails at once with its dotted name::
+
+    data:
+      folds: 5                     # K: folds by patient, stratified on `any`
+      fold_seed: 0
+      input_size: 512              # network input side; the cache is decoded at this size once
+      studies_per_task: 6          # studies per CPU decode task when building the cache
+      cpus_per_decode_task: 1.0
+    cnn:
+      backbone: densenet121
+      pretrained_path: null        # local timm .safetensors weights (nothing is downloaded)
+      epochs: 10
+      samples_per_study: 4         # epoch = this x training studies (1st place: pick a study, then a slice)
+      batch_size: 32               # per worker
+      lr: 0.0005                   # AdamW peak
+      weight_decay: 0.00002
+      warmup_fraction: 0.05        # linear warm-up, then cosine to min_lr_fraction x lr
+      min_lr_fraction: 0.02
+      drop_rate: 0.0
+      num_workers: 1               # Ray Train workers (DDP); gloo on CPU, nccl on GPU
+      use_gpu: true
+      cpus_per_worker: 4.0         # fractional on small machines: a whole CPU can starve the data tasks
+      torch_threads: 0             # 0: torch's default
+      cpus_per_data_task: 1.0      # Ray Data tasks that read, augment and batch slices
+      max_failures: 3              # worker failures tolerated; each resumes from the last checkpoint
+      seed: 0
+      augment: {}                  # ichd_ray.augment.AugmentConfig fields; {} = its defaults
+    sequence:
+      rnn: gru                     # 1st-place model 1: BiGRU + skip head
+      hidden: 96
+      num_layers: 2
+      proj_dims: [512, 128]
+      dropout: 0.3
+      epochs: 40
+      batch_size: 16               # studies per step
+      window: 24                   # random sub-sequence length while training (full studies at inference)
+      lr: 0.0003
+      weight_decay: 0.0
+      num_workers: 1
+      use_gpu: false
+      cpus_per_worker: 0.5
+      max_failures: 3
+      seed: 0
+    score: {...}                   # the embedding stage reuses the scoring job's actors (see config.py)
+    index: {...}
+    storage: {...}
+    ray: {...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import yaml
+
+from ichd_ray.config import (
+    ConfigError,
+    IndexConfig,
+    RaySection,
+    ScoreConfig,
+    StorageSection,
+    _coerce,
+    _require,
+)
+
+__all__ = ["DataSection", "CnnSection", "SequenceSection", "TrainConfig", "PRESETS", "load_train_config"]
+
+
+@dataclass(frozen=True)
+class DataSection:
+    folds: int = 5
+    fold_seed: int = 0
+    input_size: int = 256
+    studies_per_task: int = 6
+    cpus_per_decode_task: float = 1.0
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.folds >= 2, f"{prefix}.folds", "an integer >= 2", self.folds)
+        _require(16 <= self.input_size <= 1024, f"{prefix}.input_size", "an integer in [16, 1024]", self.input_size)
+        _require(self.studies_per_task >= 1, f"{prefix}.studies_per_task", "an integer >= 1", self.studies_per_task)
+        _require(self.cpus_per_decode_task > 0, f"{prefix}.cpus_per_decode_task", "a number > 0", self.cpus_per_decode_task)
+
+
+def _common_train_checks(section: Any, prefix: str) -> None:
+    _require(section.epochs >= 1, f"{prefix}.epochs", "an integer >= 1", section.epochs)
+    _require(section.batch_size >= 1, f"{prefix}.batch_size", "an integer >= 1", section.batch_size)
+    _require(section.lr > 0, f"{prefix}.lr", "a number > 0", section.lr)
+    _require(section.weight_decay >= 0, f"{prefix}.weight_decay", "a number >= 0", section.weight_decay)
+    _require(section.num_workers >= 1, f"{prefix}.num_workers", "an integer >= 1", section.num_workers)
+    _require(section.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "a number > 0 (fractional is fine)", section.cpus_per_worker)
+    _require(section.max_failures >= -1, f"{prefix}.max_failures", "an integer >= -1 (-1: no limit)", section.max_failures)
+
+
+@dataclass(frozen=True)
+class CnnSection:
+    backbone: str = "densenet121"
+    pretrained_path: str | None = None
+    epochs: int = 10
+    samples_per_study: int = 4
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 2e-5
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.02
+    drop_rate: float = 0.0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    torch_threads: int = 0
+    cpus_per_data_task: float = 0.5
+    max_failures: int = 3
+    seed: int = 0
+    augment: dict = field(default_factory=dict)
+
+    def validate(self, prefix: str = "cnn") -> None:
+        import timm
+
+        from ichd_ray.augment import AugmentConfig
+
+        _require(timm.is_model(self.backbone), f"{prefix}.backbone", "a timm model name (timm.list_models())", self.backbone)
+        _common_train_checks(self, prefix)
+        _require(self.samples_per_study >= 1, f"{prefix}.samples_per_study", "an integer >= 1", self.samples_per_study)
+        _require(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", "a number in [0, 1)", self.warmup_fraction)
+        _require(0 <= self.min_lr_fraction <= 1, f"{prefix}.min_lr_fraction", "a number in [0, 1]", self.min_lr_fraction)
+        _require(0 <= self.drop_rate < 1, f"{prefix}.drop_rate", "a number in [0, 1)", self.drop_rate)
+        _require(self.torch_threads >= 0, f"{prefix}.torch_threads", "an integer >= 0", self.torch_threads)
+        _require(self.cpus_per_data_task > 0, f"{prefix}.cpus_per_data_task", "a number > 0", self.cpus_per_data_task)
+        try:
+            AugmentConfig.from_dict(self.augment)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{prefix}.augment: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SequenceSection:
+    rnn: str = "gru"
+    hidden: int = 96
+    num_layers: int = 2
+    proj_dims: tuple[int, ...] = (512, 128)
+    dropout: float = 0.3
+    epochs: int = 40
+    batch_size: int = 16
+    window: int = 24
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    max_failures: int = 3
+    seed: int = 0
+
+    def model_config(self):
+        from ichd_ray.models.sequence import SequenceConfig
+
+        return SequenceConfig(tuple(self.proj_dims), self.hidden, self.num_layers, self.rnn, self.dropout)
+
+    def validate(self, prefix: str = "sequence") -> None:
+        try:
+            self.model_config()
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}: {exc}") from None
+        _common_train_checks(self, prefix)
+        _require(self.window >= 2, f"{prefix}.window", "an integer >= 2", self.window)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataSection = field(default_factory=DataSection)
+    cnn: CnnSection = field(default_factory=CnnSection)
+    sequence: SequenceSection = field(default_factory=SequenceSection)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    storage: StorageSection = field(default_factory=StorageSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def validate(self) -> TrainConfig:
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def job_config(self):
+        """The scoring job config the embedding stage runs with (embeddings on)."""
+        from ichd_ray.config import JobConfig
+
+        score = {**asdict(self.score), "write_embeddings": True}
+        return JobConfig(
+            index=self.index, score=ScoreConfig(**score), storage=self.storage, ray=self.ray
+        ).validate()
+
+
+#: Named starting points; ``--config`` overrides them field by field.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small and CPU-friendly: what `make demo` trains on a 2-core laptop in a few minutes.
+    "demo": {
+        "data": {"folds": 3, "input_size": 128, "studies_per_task": 6},
+        "cnn": {
+            "backbone": "resnet10t",
+            "epochs": 4,
+            "samples_per_study": 16,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "weight_decay": 1e-4,
+            "warmup_fraction": 0.05,
+            "num_workers": 1,
+            "use_gpu": False,
+            "cpus_per_worker": 0.5,
+            "torch_threads": 2,
+            "cpus_per_data_task": 0.5,
+        },
+        "sequence": {"epochs": 30, "batch_size": 8, "window": 24, "lr": 1e-3, "proj_dims": [128, 64], "hidden": 64},
+        "score": {"num_actors": 1, "cpus_per_actor": 0.5, "studies_per_batch": 4},
+    },
+    # The seeds' full recipe for GPU clusters (1st place: densenet121 at 512, 5 folds, BiGRU model 1).
+    "rsna": {
+        "data": {"folds": 5, "input_size": 512, "studies_per_task": 6},
+        "cnn": {
+            "backbone": "densenet121",
+            "epochs": 10,
+            "samples_per_study": 4,
+            "batch_size": 32,
+            "lr": 5e-4,
+            "weight_decay": 2e-5,
+            "num_workers": 4,
+            "use_gpu": True,
+            "cpus_per_worker": 4.0,
+            "cpus_per_data_task": 1.0,
+        },
+        "sequence": {"epochs": 40, "batch_size": 32, "window": 24, "lr": 3e-4, "use_gpu": True, "cpus_per_worker": 2.0},
+        "score": {"num_actors": 4, "num_gpus_per_actor": 1.0, "cpus_per_actor": 2.0, "device": "cuda"},
+        "ray": {"address": "auto"},
+    },
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_train_config(preset: str = "demo", path_or_uri: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Preset, then the YAML file, then ``{"section": {"field": value}}`` overrides; validated.
+
+    Raises:
+        ConfigError: Unknown preset, invalid YAML, or a bad field (named with its section).
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    data = json.loads(json.dumps(PRESETS[preset]))
+    if path_or_uri:
+        from ichd_ray import storage
+
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(path_or_uri).decode("utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path_or_uri}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path_or_uri}: expected a mapping of sections at the top level")
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+            data[section] = {**data.get(section, {}), **values}
+    for section, values in (overrides or {}).items():
+        data[section] = {**data.get(section, {}), **{k: v for k, v in values.items() if v is not None}}
+    return _coerce(TrainConfig, data, "").validate()
