@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["save_train_state", "load_train_state", "load_model_weights", "unwrap"]
+__all__ = ["save_train_state", "load_train_state", "load_model_weights", "unwrap", "restore_train_state"]
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -66,3 +67,53 @@ def load_train_state(directory: str, model: nn.Module, optimizer: torch.optim.Op
         per_param.setdefault(int(pid), {}).update(entries)
     optimizer.load_state_dict({"state": per_param, "param_groups": saved["param_groups"]})
     return state
+
+
+def _latest_stored_checkpoint(run_uri: str, storage_config: dict | None) -> str | None:
+    """The newest complete checkpoint folder of a Ray Train run on storage (highest epoch in its state.json)."""
+    from ichd_ray import storage
+
+    config = storage.StorageConfig.on_worker(storage_config)
+    best, best_epoch = None, -1
+    for entry in storage.list_files(run_uri, suffix="/" + STATE_FILE, config=config):
+        folder = entry.uri[: -len(STATE_FILE) - 1]
+        if not os.path.basename(folder).startswith("checkpoint_"):
+            continue
+        try:
+            epoch = json.loads(storage.read_bytes(entry.uri, config))["epoch"]
+        except (OSError, ValueError, KeyError):
+            continue  # a folder from a crashed upload: skip it
+        if epoch > best_epoch:
+            best, best_epoch = folder, epoch
+    return best
+
+
+def restore_train_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, run_uri: str | None = None, storage_config: dict | None = None
+) -> dict[str, Any] | None:
+    """Restore from Ray Train's checkpoint for this attempt, else from the newest one stored for the run.
+
+    Ray Train's controller learns of a reported checkpoint when it next polls the workers (every 2 s);
+    a worker that dies right after reporting leaves it on storage but unknown to the controller, which
+    would restart the run from scratch. Looking on storage too loses nothing that was written.
+
+    Returns:
+        The JSON state of the restored checkpoint, or None when there is none (a fresh start).
+    """
+    import ray.train
+
+    from ichd_ray import storage
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            return load_train_state(directory, model, optimizer)
+    folder = _latest_stored_checkpoint(run_uri, storage_config) if run_uri else None
+    if folder is None:
+        return None
+    config = storage.StorageConfig.on_worker(storage_config)
+    with tempfile.TemporaryDirectory() as directory:
+        for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+            with open(os.path.join(directory, name), "wb") as fh:
+                fh.write(storage.read_bytes(storage.join(folder, name), config))
+        return load_train_state(directory, model, optimizer)

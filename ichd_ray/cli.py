@@ -14,6 +14,13 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 
+class _DemoDefaults:  # mirrors ichd_ray.demo.DemoConfig without importing it (and torch) for --help
+    studies, slices, dicom_size = 60, 24, 256
+
+
+DEMO_DEFAULTS = _DemoDefaults()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,13 +107,42 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--sql", default="SELECT run_id, status, model_version, n_studies, n_slices_scored, n_rejected, finished_at FROM runs ORDER BY finished_at DESC")
     _storage_args(results)
 
-    demo = sub.add_parser("demo", help="the embedded default: synthesise a small set, write a bundle, score it on local Ray")
+    train = sub.add_parser("train", help="k-fold training on Ray Train: CNN -> out-of-fold embeddings -> sequence -> bundle")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    for name, text in (
+        ("all", "folds -> CNN per fold -> embeddings -> sequence model per fold -> bundle, with OOF metrics"),
+        ("cnn", "folds, decoded cache and one CNN per fold (into --work)"),
+        ("sequence", "out-of-fold embeddings, one sequence model per fold, metrics and the bundle"),
+    ):
+        stage = train_sub.add_parser(name, help=text)
+        if name in ("all", "cnn"):
+            stage.add_argument("--data", required=True, help="DICOM prefix (local, file://, s3://) or a .txt/.parquet URI list")
+            stage.add_argument("--labels", required=True, help="labels CSV in the RSNA format (ID,Label)")
+        if name in ("all", "sequence"):
+            stage.add_argument("--out", required=True, help="bundle URI to write")
+            stage.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+        stage.add_argument("--work", required=name == "cnn", help="work folder: manifest, cache, checkpoints (default: <out>-work)")
+        stage.add_argument("--preset", choices=["demo", "rsna"], default="demo", help="starting config (default: demo)")
+        stage.add_argument("--config", help="training YAML overriding the preset (see ichd_ray/train_config.py)")
+        stage.add_argument("--folds", type=_positive_int, help="override data.folds")
+        stage.add_argument("--epochs", type=_positive_int, help="override cnn.epochs")
+        stage.add_argument("--no-progress", action="store_true")
+        _storage_args(stage)
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a scoring run against labels: table + JSON")
+    evaluate.add_argument("--predictions", required=True, help="output prefix of a scoring run (OUT of ichd-ray score)")
+    evaluate.add_argument("--labels", required=True, help="labels CSV in the RSNA format")
+    evaluate.add_argument("--run-id", help="default: the newest committed run")
+    evaluate.add_argument("--json", dest="json_out", help="where to write the metrics JSON (default: OUT/evaluation/<run_id>.json)")
+    evaluate.add_argument("--model", help="bundle whose thresholds to use (default: 0.5 per class)")
+    _storage_args(evaluate)
+
+    demo = sub.add_parser("demo", help="the embedded default: synthesise, train (preset demo), score, evaluate on local Ray")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--studies", type=_positive_int, default=12)
-    demo.add_argument("--slices", type=_positive_int, default=32)
-    demo.add_argument("--dicom-size", type=_positive_int, default=512, help="synthetic image side")
-    demo.add_argument("--size", type=_positive_int, default=256, help="network input side")
-    demo.add_argument("--backbone", default="resnet10t", help="timm backbone of the demo bundle")
+    demo.add_argument("--studies", type=_positive_int, default=DEMO_DEFAULTS.studies)
+    demo.add_argument("--slices", type=_positive_int, default=DEMO_DEFAULTS.slices)
+    demo.add_argument("--dicom-size", type=_positive_int, default=DEMO_DEFAULTS.dicom_size, help="synthetic image side")
+    demo.add_argument("--config", help="training YAML overriding the demo preset")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
     return parser
@@ -156,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
             print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
         return 0
+    if args.command == "train":
+        return _train(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "demo":
         from ichd_ray.demo import DemoConfig, run_demo
 
@@ -165,14 +205,97 @@ def main(argv: Sequence[str] | None = None) -> int:
                 studies=args.studies,
                 slices=args.slices,
                 dicom_size=args.dicom_size,
-                input_size=args.size,
-                backbone=args.backbone,
+                config=args.config,
                 seed=args.seed,
                 workers=args.workers,
             )
         )
         return 0 if summary.status == "succeeded" else 1
     raise AssertionError(args.command)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ichd_ray.config import ConfigError
+    from ichd_ray.train_config import load_train_config
+
+    overrides = {
+        "storage": {"endpoint_url": args.endpoint_url, "region": args.region},
+        "data": {"folds": args.folds},
+        "cnn": {"epochs": args.epochs},
+    }
+    try:  # the whole config is validated before Ray starts
+        cfg = load_train_config(args.preset, args.config, overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ichd-ray train {args.train_command}: {exc}", file=sys.stderr)
+        return 2
+
+    from ichd_ray.models.bundle import BundleError
+    from ichd_ray.ray_session import init_ray
+    from ichd_ray.train import default_work_uri, train_all, train_cnn_stage, train_sequence_stage
+
+    sc = cfg.storage.storage_config()
+    out = getattr(args, "out", None)
+    work = args.work or default_work_uri(out)
+    if out and not args.overwrite:
+        from ichd_ray import storage
+        from ichd_ray.models.bundle import CONFIG_NAME
+
+        if storage.exists(storage.join(out, CONFIG_NAME), sc):
+            print(f"ichd-ray train: a bundle already exists at {out} (pass --overwrite to replace it)", file=sys.stderr)
+            return 2
+    init_ray(cfg.ray)
+    _quiet_ray(args.no_progress)
+    try:
+        if args.train_command == "cnn":
+            result = train_cnn_stage(args.data, args.labels, work, cfg, storage_config=sc)
+            print(f"CNN stage done in {result['seconds']:.0f} s: weights in {work}/cnn/; next: ichd-ray train sequence --work {work} --out BUNDLE")
+            return 0
+        if args.train_command == "sequence":
+            result = train_sequence_stage(work, out, cfg, storage_config=sc, progress=not args.no_progress, overwrite=args.overwrite)
+        else:
+            result = train_all(args.data, args.labels, out, cfg, work_uri=work, storage_config=sc, progress=not args.no_progress, overwrite=args.overwrite)
+    except (ConfigError, BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"ichd-ray train {args.train_command}: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(result.table)
+    print(f"\nbundle {result.bundle_uri}: version {result.version_id} ({result.seconds:.0f} s)")
+    print(f"score with: ichd-ray score INPUT --model {result.bundle_uri} --out OUT")
+    return 0
+
+
+def _quiet_ray(no_progress: bool) -> None:
+    """Ray Data progress bars only when asked for; Ray Train's per-report INFO lines stay in its logs."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = not no_progress
+    for name in ("ray.train", "ray.data", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ichd_ray import storage
+    from ichd_ray.evaluate import evaluate, format_table
+
+    sc = _storage_config(args)
+    thresholds = None
+    if args.model:
+        from ichd_ray.models.bundle import load_bundle_config
+
+        config, _ = load_bundle_config(args.model, sc)
+        thresholds = [config.thresholds[c] for c in config.classes]
+    try:
+        result = evaluate(args.predictions, args.labels, None, run_id=args.run_id, thresholds=thresholds, storage_config=sc)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ichd-ray evaluate: {exc}", file=sys.stderr)
+        return 2
+    out_json = args.json_out or storage.join(args.predictions, "evaluation", f"{result.get('run_id') or 'run'}.json")
+    storage.write_bytes(out_json, (json.dumps(result, indent=1, allow_nan=False) + "\n").encode(), sc)
+    print(format_table(result))
+    print(f"\nmetrics JSON: {out_json}")
+    return 0
 
 
 def _index_or_score(args: argparse.Namespace) -> int:

@@ -22,4 +22,6 @@ def init_ray(section: RaySection | None = None) -> None:
     if section.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=section.address or None, **quiet)
     else:
-        ray.init(num_cpus=section.num_cpus, include_dashboard=False, **quiet)
+        # Workers' INFO lines (Ray Train reports, Ray Data plans) stay in the session logs, not the terminal;
+        # failures still reach the driver as exceptions.
+        ray.init(num_cpus=section.num_cpus, include_dashboard=False, log_to_driver=False, **quiet)

@@ -68,7 +68,7 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ichd_ray.checkpoint import load_train_state, save_train_state, unwrap
+    from ichd_ray.checkpoint import restore_train_state, save_train_state, unwrap
     from ichd_ray.models.sequence import masked_bce
     from ichd_ray.models.slice_cnn import SliceCNN
 
@@ -87,10 +87,8 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     epochs, steps_per_epoch = cnn["epochs"], config["steps_per_epoch"]
     total_steps = epochs * steps_per_epoch
     start_epoch, history, resumed_from = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_train_state(directory, model, optimizer)
+    state = restore_train_state(model, optimizer, config.get("run_uri"), config.get("storage_config"))
+    if state is not None:
         start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
@@ -174,6 +172,11 @@ def ray_run_config(work_uri: str, name: str, max_failures: int, storage_config: 
     )
 
 
+def ray_run_uri(work_uri: str, name: str) -> str:
+    """Where Ray Train keeps run ``name``'s checkpoints (see :func:`ray_run_config`)."""
+    return storage.join(work_uri, "ray_train", name)
+
+
 def cnn_weights_uri(work_uri: str, fold: int) -> str:
     return storage.join(work_uri, "cnn", f"fold{fold}.safetensors")
 
@@ -240,6 +243,8 @@ def train_cnn_fold(
             "normalization": normalization,
             "steps_per_epoch": steps_per_epoch,
             "fault": fault,
+            "run_uri": ray_run_uri(work_uri, f"cnn-fold{fold}"),
+            "storage_config": workers_sc,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}

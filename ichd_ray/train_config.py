@@ -244,13 +244,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_train_config(preset: str = "demo", path_or_uri: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Preset, then the YAML file, then ``{"section": {"field": value}}`` overrides; validated.
 

@@ -99,7 +99,7 @@ def seq_train_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ichd_ray.checkpoint import load_train_state, save_train_state, unwrap
+    from ichd_ray.checkpoint import restore_train_state, save_train_state, unwrap
     from ichd_ray.models.sequence import SequenceConfig, SequenceModel, masked_bce
     from ichd_ray.train_cnn import _all_reduce, _fault_hook, _weighted_log_loss_from_sums
 
@@ -121,10 +121,8 @@ def seq_train_loop(config: dict[str, Any]) -> None:
     model = SequenceModel.from_config(dim, seq_cfg, _C)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     start_epoch, history, resumed_from = 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_train_state(directory, model, optimizer)
+    state = restore_train_state(model, optimizer, config.get("run_uri"), config.get("storage_config"))
+    if state is not None:
         start_epoch, history, resumed_from = state["epoch"] + 1, state["history"], state["epoch"]
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
@@ -203,7 +201,7 @@ def train_sequence_fold(
     from safetensors.torch import load_file, save_file
 
     from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
-    from ichd_ray.train_cnn import ray_run_config
+    from ichd_ray.train_cnn import ray_run_config, ray_run_uri
 
     weights_uri = sequence_weights_uri(work_uri, fold)
     summary_uri = weights_uri.replace(".safetensors", ".json")
@@ -222,7 +220,11 @@ def train_sequence_fold(
     }
     trainer = TorchTrainer(
         seq_train_loop,
-        train_loop_config={"sequence": cfg.to_dict()["sequence"], "fold": fold, "embed_dim": int(rows[0]["dim"]), "fault": fault},
+        train_loop_config={
+            "sequence": cfg.to_dict()["sequence"], "fold": fold, "embed_dim": int(rows[0]["dim"]), "fault": fault,
+            "run_uri": ray_run_uri(work_uri, f"sequence-fold{fold}"),
+            "storage_config": storage_config.for_workers() if storage_config else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         ),

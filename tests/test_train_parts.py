@@ -1,0 +1,155 @@
+"""Training building blocks without Ray: config, schedule, checkpoints, the slice sampler, sequence batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from ichd_ray import CLASSES
+from ichd_ray.augment import AugmentConfig
+from ichd_ray.checkpoint import load_train_state, save_train_state
+from ichd_ray.config import ConfigError
+from ichd_ray.train_cnn import lr_at
+from ichd_ray.train_config import PRESETS, load_train_config
+from ichd_ray.train_data import load_cached_studies, sample_slices
+from ichd_ray.train_sequence import _window, pad_studies
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_validate(preset):
+    cfg = load_train_config(preset)
+    assert cfg.data.folds >= 2 and cfg.cnn.epochs >= 1
+    assert load_train_config(preset).sha256() == cfg.sha256()
+
+
+def test_rsna_preset_is_the_seed_recipe():
+    cfg = load_train_config("rsna")
+    assert (cfg.cnn.backbone, cfg.data.input_size, cfg.data.folds, cfg.cnn.use_gpu) == ("densenet121", 512, 5, True)
+    assert (cfg.sequence.rnn, cfg.sequence.window) == ("gru", 24)
+
+
+def test_yaml_overrides_and_errors_name_the_field(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("cnn:\n  epochs: 7\n  augment: {hflip_p: 0.0}\nsequence:\n  proj_dims: [64, 32]\n")
+    cfg = load_train_config("demo", str(path), {"data": {"folds": 4}})
+    assert (cfg.cnn.epochs, cfg.data.folds, cfg.sequence.proj_dims) == (7, 4, (64, 32))
+    assert cfg.cnn.augment == {"hflip_p": 0.0}
+    assert cfg.cnn.backbone == PRESETS["demo"]["cnn"]["backbone"]  # the rest of the preset stays
+    for text, field in [
+        ("cnn:\n  epochs: 0\n", "cnn.epochs"),
+        ("cnn:\n  backbone: not_a_net\n", "cnn.backbone"),
+        ("cnn:\n  augment: {rotate_deg: 500}\n", "cnn.augment"),
+        ("data:\n  folds: 1\n", "data.folds"),
+        ("sequence:\n  rnn: transformer\n", "sequence"),
+        ("cnn:\n  epoch: 3\n", "unknown field"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_train_config("demo", str(path))
+    with pytest.raises(ConfigError, match="preset"):
+        load_train_config("huge")
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 100, 1e-3, 0.1, 0.02) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert max(lrs) == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after the warm-up
+    assert lrs[-1] == pytest.approx(2e-5, rel=0.05)
+    assert lr_at(0, 10, 1.0, 0.0, 0.0) == pytest.approx(1.0)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+
+def _steps(model, opt, xs):
+    for x in xs:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    """Stopping after 2 steps and resuming from the safetensors checkpoint gives the same weights as 4 steps."""
+    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ref = _net()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    _steps(ref, ref_opt, xs)
+
+    first = _net()
+    opt = torch.optim.AdamW(first.parameters(), lr=1e-2, weight_decay=0.1)
+    _steps(first, opt, xs[:2])
+    save_train_state(str(tmp_path), first, opt, {"epoch": 3, "history": [{"loss": 1.5}]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
+
+    resumed = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.1)
+    state = load_train_state(str(tmp_path), resumed, resumed_opt)
+    assert state == {"epoch": 3, "history": [{"loss": 1.5}]}
+    _steps(resumed, resumed_opt, xs[2:])
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def _write_cache(tmp_path, lengths, size=8):
+    """Study i, slice j has every pixel = 10*i + j; its labels are one-hot (i + j) % 6."""
+    uris, labels = [], []
+    for i, n in enumerate(lengths):
+        pixels = np.zeros((n, 3, size, size), np.uint8)
+        for j in range(n):
+            pixels[j] = 10 * i + j
+            labels.append(np.eye(len(CLASSES), dtype=np.uint8)[(i + j) % 6])
+        path = tmp_path / f"s{i}.u8"
+        path.write_bytes(pixels.tobytes())
+        uris.append(str(path))
+    return uris, np.stack(labels)
+
+
+def test_sampler_reads_the_right_slice_with_its_label(tmp_path):
+    lengths = [2, 3, 5]
+    uris, labels = _write_cache(tmp_path, lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    out = sample_slices(
+        {"id": np.arange(400)}, cache_uris=uris, lengths=lengths, label_offsets=offsets, labels=labels, size=8,
+        augment=AugmentConfig.none().to_dict(), storage_config=None,
+    )
+    assert out["image"].shape == (400, 3, 8, 8) and out["image"].dtype == np.uint8
+    values = out["image"][:, 0, 0, 0].astype(int)
+    study, slice_ = values // 10, values % 10
+    assert (slice_ < np.asarray(lengths)[study]).all()
+    expected = np.eye(len(CLASSES))[(study + slice_) % 6]
+    np.testing.assert_array_equal(out["label"], expected)
+    # A study is drawn first, then a slice: each study gets about a third of the draws, whatever its length.
+    counts = np.bincount(study, minlength=3) / 400
+    assert np.all(np.abs(counts - 1 / 3) < 0.1)
+
+
+def test_load_cached_studies_keeps_slice_order(tmp_path):
+    uris, labels = _write_cache(tmp_path, [2, 3])
+    batch = {"cache_uri": np.array(uris), "n": np.array([2, 3]), "labels": [labels[:2].reshape(-1), labels[2:].reshape(-1)]}
+    out = load_cached_studies(batch, size=8, storage_config=None)
+    assert out["image"][:, 0, 0, 0].tolist() == [0, 1, 10, 11, 12]
+    np.testing.assert_array_equal(out["label"], labels)
+
+
+def test_sequence_batches_pad_and_window():
+    rng = np.random.default_rng(0)
+    studies = []
+    for n in (3, 5):
+        studies.append({
+            "emb": rng.standard_normal((n, 4)).astype(np.float16),
+            "logits": rng.standard_normal((n, 6)).astype(np.float32),
+            "positions": np.arange(n) * 5.0,
+            "labels": (np.arange(n)[:, None] + np.arange(6)[None] == 4).astype(np.uint8),
+        })
+    emb, logits, dz, mask, y, study_y = pad_studies(studies)
+    assert emb.shape == (2, 5, 4) and mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert dz[1].tolist() == [0, 5, 5, 5, 5] and dz[0, 3:].tolist() == [0, 0]
+    np.testing.assert_array_equal(study_y.numpy(), np.stack([s["labels"].max(0) for s in studies]))
+    window = _window(studies[1], 2, rng)
+    assert len(window["emb"]) == 2
+    start = int(np.where((studies[1]["emb"] == window["emb"][0]).all(axis=1))[0][0])
+    np.testing.assert_array_equal(window["labels"], studies[1]["labels"][start : start + 2])
+    assert _window(studies[0], 24, rng) is studies[0]  # shorter than the window: whole study
