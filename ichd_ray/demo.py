@@ -86,7 +86,7 @@ def run_demo(cfg: DemoConfig):
     print("\n".join("      " + line for line in format_table(result).splitlines()))
     print(f"\ndone in {time.perf_counter() - started:.0f} s. The result Parquet is under {results}/ (slices, studies, errors, runs);")
     print(f"query it:  ichd-ray results {results} --sql \"SELECT study_uid, p_any, flagged FROM studies ORDER BY p_any DESC LIMIT 10\"")
-    print(f"or DuckDB: SELECT * FROM read_parquet('{results}/studies/*/*/*.parquet', hive_partitioning = true)")
+    print("DuckDB/pandas/Athena: the views in ichd_ray/sql/views.sql read only committed runs (README: Result tables)")
     return summary
 
 

@@ -247,7 +247,8 @@ def build_cache(
     for s in training_set.studies:
         r = by_study[s["study_uid"]]
         failures += json.loads(r["failures"])
-        keep = [i for i, sop in enumerate(s["sop_uids"]) if sop in set(r["sop_uids"])]
+        decoded = set(r["sop_uids"])
+        keep = [i for i, sop in enumerate(s["sop_uids"]) if sop in decoded]
         if not keep:
             continue
         studies.append(

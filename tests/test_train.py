@@ -152,3 +152,31 @@ def test_training_set_refuses_other_fold_settings(ray_session, tiny_set, tmp_pat
     assert len(bad) == 6 * sum(len(s["sop_uids"]) for s in ts.studies)
     with pytest.raises(ValueError, match="folds: stored 2, asked 3"):
         prepare_training_set(str(data), str(data / "labels.csv"), work, folds=3, fold_seed=0, index_config=IndexConfig())
+
+
+def test_cnn_fold_and_oof_embeddings_on_s3(ray_session, tiny_set, s3_bucket, tmp_path):
+    """Data, cache, Ray Train checkpoints and the OOF embedding run all on the S3 endpoint."""
+    from ichd_ray import storage
+    from ichd_ray.embed import embed_fold
+    from ichd_ray.train_cnn import train_cnn_fold
+    from ichd_ray.train_data import build_cache, prepare_training_set
+    from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+
+    root, data = tiny_set
+    bucket, config = s3_bucket
+    archive = f"s3://{bucket}/archive"
+    for path in data.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(f"{archive}/{path.relative_to(data).as_posix()}", path.read_bytes(), config)
+    work = f"s3://{bucket}/work"
+    cfg = load_train_config("demo", _config(tmp_path, {"cnn": {"epochs": 1}}))
+    ts = prepare_training_set(archive, f"{archive}/labels.csv", work, folds=2, fold_seed=0, index_config=cfg.index, storage_config=config)
+    studies, failures = build_cache(ts, work, size=32, windows=[w.to_dict() for w in DEFAULT_WINDOWS], studies_per_task=4,
+                                    cpus_per_task=1.0, storage_config=config)
+    assert not failures and all(s["cache_uri"].startswith(f"s3://{bucket}/work/cache/32/") for s in studies)
+    summary = train_cnn_fold(studies, 1, cfg, work, normalization=DEFAULT_NORMALIZATION.to_dict(), storage_config=config)
+    assert summary["weights_uri"] == f"{work}/cnn/fold1.safetensors" and storage.exists(summary["weights_uri"], config)
+    assert storage.list_files(f"{work}/ray_train/cnn-fold1", suffix="/state.json", config=config)  # checkpoints on S3
+    emb = embed_fold(ts, 1, cfg, work, summary["weights_uri"], storage_config=config)
+    used = ts.manifest[ts.manifest["fold"] == 1]
+    assert set(emb["sop_uid"]) == set(used["sop_uid"])
