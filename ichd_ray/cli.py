@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--no-progress", action="store_true")
         _storage_args(stage)
 
+    nightly = sub.add_parser("nightly", help="rescore an archive incrementally: only new or changed studies, or all on a new model")
+    nightly.add_argument("--archive", required=True, help="archive prefix (local, file://, s3://)")
+    nightly.add_argument("--model", required=True, help="model bundle URI")
+    nightly.add_argument("--out", required=True, help="output prefix (tables, index, runs, lease)")
+    nightly.add_argument("--run-id", help="default: nightly-<UTC date>-<model version>; a re-run replaces its own output")
+    nightly.add_argument("--full", action="store_true", help="score every study, changed or not")
+    nightly.add_argument("--dry-run", action="store_true", help="print the plan (studies, reasons, estimated time); change nothing")
+    nightly.add_argument("--max-reject-fraction", type=_fraction, default=0.05,
+                         help="commit the run as failed (exit 1) above this fraction of rejected inputs (default 0.05)")
+    nightly.add_argument("--lease-hours", type=float, default=2.0, help="lease expiry; the holder renews it (default 2)")
+    nightly.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    nightly.add_argument("--no-progress", action="store_true")
+    _storage_args(nightly)
+
     evaluate = sub.add_parser("evaluate", help="metrics of a scoring run against labels: table + JSON")
     evaluate.add_argument("--predictions", required=True, help="output prefix of a scoring run (OUT of ichd-ray score)")
     evaluate.add_argument("--labels", required=True, help="labels CSV in the RSNA format")
@@ -196,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args)
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "nightly":
+        return _nightly(args)
     if args.command == "demo":
         from ichd_ray.demo import DemoConfig, run_demo
 
@@ -261,6 +277,51 @@ def _train(args: argparse.Namespace) -> int:
     print(result.table)
     print(f"\nbundle {result.bundle_uri}: version {result.version_id} ({result.seconds:.0f} s)")
     print(f"score with: ichd-ray score INPUT --model {result.bundle_uri} --out OUT")
+    return 0
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from ichd_ray.config import ConfigError, load_job_config
+
+    try:
+        job = load_job_config(args.config, {"storage": {"endpoint_url": args.endpoint_url, "region": args.region}})
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ichd-ray nightly: {exc}", file=sys.stderr)
+        return 2
+    from ichd_ray.lease import LeaseHeld
+    from ichd_ray.models.bundle import BundleError
+    from ichd_ray.nightly import EXIT_LEASE_HELD, format_plan, nightly
+    from ichd_ray.ray_session import init_ray
+    from ichd_ray.report import format_summary
+
+    init_ray(job.ray)
+    _quiet_ray(args.no_progress)
+    try:
+        result = nightly(
+            args.archive, args.model, args.out, job=job, run_id=args.run_id, full=args.full, dry_run=args.dry_run,
+            max_reject_fraction=args.max_reject_fraction, lease_ttl=dt.timedelta(hours=args.lease_hours),
+            progress=not args.no_progress,
+        )
+    except LeaseHeld as exc:
+        print(f"ichd-ray nightly: {exc}; another run is writing {args.out}: not starting (exit {EXIT_LEASE_HELD})", file=sys.stderr)
+        return EXIT_LEASE_HELD
+    except (ConfigError, BundleError) as exc:
+        print(f"ichd-ray nightly: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(result.plan))
+    if result.summary is None:
+        print("dry run: nothing written")
+        return 0
+    print(format_summary(result.summary))
+    if result.summary.status != "succeeded":
+        print("run FAILED (committed with status failed); look at:", file=sys.stderr)
+        for problem in result.summary.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print(f"  ichd-ray results {args.out} --sql \"SELECT stage, reason, count(*) AS n FROM errors WHERE run_id = "
+              f"'{result.summary.run_id}' GROUP BY ALL ORDER BY n DESC\"", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,9 +105,12 @@ RUNS_SCHEMA = pa.schema(
         ("n_rejected", pa.int64()),
         ("n_studies", pa.int64()),
         ("slices_per_s", pa.float64()),
+        ("kind", pa.string()),  # score | nightly
+        ("problems", pa.string()),  # JSON list: why the run is failed ([] when it succeeded)
     ]
 )
-DATA_TABLES = ("slices", "studies", "errors", "embeddings")
+#: Tables written under an attempt (``index`` and ``scored``: nightly runs only).
+DATA_TABLES = ("slices", "studies", "errors", "embeddings", "index", "scored")
 
 
 def new_attempt_id(now: dt.datetime | None = None) -> str:
@@ -166,9 +169,12 @@ def remove_other_attempts(out_uri: str, run_id: str, keep: str, storage_config=N
     return deleted
 
 
-def views_sql(out_uri: str) -> str:
-    """DuckDB views over committed attempts only (``runs``, ``slices``, ``studies``, ``errors``; the
-    optional embeddings are read directly), with ``{root}`` filled in."""
-    text = resources.files("ichd_ray").joinpath("sql/views.sql").read_text()
+def views_sql(out_uri: str, nightly: bool = False) -> str:
+    """DuckDB views over committed attempts only, with ``{root}`` filled in: ``runs``, ``slices``,
+    ``studies``, ``errors``, ``latest_studies``; with ``nightly`` (OUT holds nightly runs) also
+    ``index_rows``, ``latest_index``, ``scored``, ``latest_scored`` and a ``latest_studies`` without the
+    studies whose objects are all gone from the archive. The optional embeddings are read directly."""
+    files = ["sql/views.sql"] + (["sql/nightly_views.sql"] if nightly else [])
+    text = "\n".join(resources.files("ichd_ray").joinpath(f).read_text() for f in files)
     root = out_uri.rstrip("/")
     return text.replace("{root}", root.replace("'", "''"))

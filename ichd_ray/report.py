@@ -15,14 +15,16 @@ __all__ = ["connect", "query", "format_summary"]
 
 
 def connect(out_uri: str, storage_config: storage.StorageConfig | None = None):
-    """A DuckDB connection with the views ``runs``, ``slices``, ``studies``, ``errors`` over OUT."""
+    """A DuckDB connection with the views of :func:`ichd_ray.outputs.views_sql` over OUT."""
     import duckdb
 
     con = duckdb.connect()
     scheme, _ = storage.parse_uri(out_uri)
     if scheme == "s3":
         con.register_filesystem(storage.fsspec_filesystem(out_uri, storage_config))
-    con.execute(views_sql(out_uri if scheme == "s3" else storage.parse_uri(out_uri)[1]))
+    # The nightly views need the index and scored tables to exist (DuckDB fails on an empty glob).
+    nightly = all(storage.list_files(storage.join(out_uri, t), suffix=".parquet", config=storage_config) for t in ("index", "scored"))
+    con.execute(views_sql(out_uri if scheme == "s3" else storage.parse_uri(out_uri)[1], nightly=nightly))
     return con
 
 

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -315,6 +315,7 @@ class RunSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     out_uri: str = ""
     run_uri: str = ""
+    problems: list[str] = field(default_factory=list)
 
 
 def score_job(
@@ -328,6 +329,10 @@ def score_job(
     progress: bool = False,
     storage_config: storage.StorageConfig | None = None,
     fault_marker: str | None = None,
+    extra_tables: Callable[[set[str]], dict[str, pa.Table]] | None = None,
+    max_reject_fraction: float | None = None,
+    kind: str = "score",
+    before_commit: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Score every study under ``input_uri`` (or in ``manifest_uri``) with the bundle; commit a run.
 
@@ -344,6 +349,12 @@ def score_job(
         storage_config: the driver's storage settings (default: ``job.storage`` + environment);
             workers get them without credentials and use their own environment's.
         fault_marker: test hook, see :class:`StudyScoringActor`.
+        extra_tables: called with the study UIDs that were scored; returns more tables
+            (``{name: table}``) to write under this attempt, committed with the run (the nightly job's
+            ``index`` and ``scored``).
+        max_reject_fraction: the run is ``failed`` when more than this fraction of its inputs is rejected.
+        kind: recorded in the runs row (``score``, ``nightly``).
+        before_commit: called just before the commit; raising stops the run uncommitted (a lost lease).
     """
     import ray
     import ray.data
@@ -449,9 +460,17 @@ def score_job(
             write_table(schema.empty_table(), out_uri, table, run_id, attempt, storage_config=sc)
     write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), out_uri, "errors", run_id, attempt, storage_config=sc)
 
+    if extra_tables is not None:
+        scored_studies: set[str] = set()
+        if n_studies:
+            scored_studies = set(ds_studies_uids(scored))
+        for table, rows in extra_tables(scored_studies).items():
+            write_table(rows, out_uri, table, run_id, attempt, storage_config=sc)
+
     seconds = time.perf_counter() - clock
     n_rejected = len(errors)
-    status = "succeeded" if n_inputs == n_slices + n_rejected else "failed"
+    problems = run_problems(n_inputs, n_slices, errors, max_reject_fraction)
+    status = "failed" if problems else "succeeded"
     run_row = {
         "run_id": run_id,
         "attempt": attempt,
@@ -469,7 +488,11 @@ def score_job(
         "n_rejected": n_rejected,
         "n_studies": n_studies,
         "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
+        "kind": kind,
+        "problems": json.dumps(problems),
     }
+    if before_commit is not None:
+        before_commit()
     run_uri = commit_run(out_uri, run_row, sc)
     remove_other_attempts(out_uri, run_id, keep=attempt, storage_config=sc)
     reasons: dict[str, int] = {}
@@ -477,8 +500,32 @@ def score_job(
         reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
     return RunSummary(
         run_id, attempt, status, n_inputs, n_slices, n_rejected, n_studies, seconds,
-        run_row["slices_per_s"], reasons, out_uri, run_uri,
+        run_row["slices_per_s"], reasons, out_uri, run_uri, problems,
     )
+
+
+def ds_studies_uids(scored) -> list[str]:
+    """UIDs of the studies a scored dataset holds predictions for."""
+    return [r["study_uid"] for r in scored.select_columns(["study_uid", "uris"]).take_all() if r["uris"]]
+
+
+def run_problems(n_inputs: int, n_slices: int, errors: list[dict], max_reject_fraction: float | None) -> list[str]:
+    """Why a run is ``failed`` (empty: it succeeded): what on-call should look at first."""
+    problems = []
+    if n_inputs != n_slices + len(errors):
+        problems.append(f"inputs {n_inputs} != scored slices {n_slices} + rejected {len(errors)}: an input is unaccounted for")
+    failed = sorted({e["uri"] for e in errors if e["stage"] == "score"})
+    if failed:
+        problems.append(f"{len(failed)} slice(s) of studies that failed in the model stage (errors.stage = 'score'), e.g. {failed[0]}")
+    if max_reject_fraction is not None and n_inputs and len(errors) / n_inputs > max_reject_fraction:
+        by_reason: dict[str, int] = {}
+        for e in errors:
+            by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
+        top = ", ".join(f"{r} {n}" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:3])
+        problems.append(
+            f"rejected {len(errors)} of {n_inputs} inputs ({len(errors) / n_inputs:.1%}) > max {max_reject_fraction:.1%}; top reasons: {top}"
+        )
+    return problems
 
 
 def _check_cluster_fits(cfg) -> None:

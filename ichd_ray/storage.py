@@ -405,8 +405,12 @@ def fsspec_filesystem(uri: UriLike, config: StorageConfig | None = None) -> Any:
         client_kwargs["endpoint_url"] = cfg.endpoint_url
     if cfg.region is not None:
         client_kwargs["region_name"] = cfg.region
-    # fsspec caches instances by these arguments itself, so no cache here.
+    # No listings cache and no shared instance: fsspec would otherwise hand back a filesystem whose cached
+    # directory listings predate the last commit, and DuckDB views would miss new runs in a long-lived
+    # process (the nightly job reads its own previous commits through them).
     return s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        use_listings_cache=False,
         anon=cfg.anonymous,
         key=cfg.access_key_id,
         secret=cfg.secret_access_key,

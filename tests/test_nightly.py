@@ -1,0 +1,192 @@
+"""Nightly rescoring: incremental index, plans, model changes, deletions, a killed run, the lease;
+on local files and on the moto S3 endpoint."""
+
+import dataclasses
+import datetime as dt
+import shutil
+
+import pandas as pd
+import pytest
+
+from ichd_ray import storage
+from ichd_ray.config import JobConfig
+from ichd_ray.models.bundle import init_bundle
+from ichd_ray.nightly import EXIT_LEASE_HELD, diff_listing, nightly, plan_studies
+from ichd_ray.report import query
+from ichd_ray.synth import SynthConfig, generate
+
+pytestmark = pytest.mark.timeout(600)
+
+DAY = dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc)
+JOB = JobConfig().with_overrides({"score": {"device": "cpu"}})
+SYNTH = SynthConfig(studies=3, slices=5, size=64, seed=11, compressed_fraction=0.0)
+
+
+def night(n: int) -> dt.datetime:
+    return DAY + dt.timedelta(days=n)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nightly-models")
+    v1 = init_bundle(str(root / "v1"), "test_resnet", input_size=32, seed=1)
+    v2 = init_bundle(str(root / "v2"), "test_resnet", input_size=32, seed=2)
+    return (str(root / "v1"), v1.version_id), (str(root / "v2"), v2.version_id)
+
+
+def _latest(out, config=None):
+    return query(out, "SELECT study_uid, run_id, model_version FROM latest_studies ORDER BY study_uid", config)
+
+
+def test_diff_and_plan_are_pure():
+    previous = pd.DataFrame(
+        [
+            {"uri": "a", "size": 1, "mtime": 1.0, "etag": "x", "study_uid": "s1", "selected": True, "deleted": False},
+            {"uri": "b", "size": 1, "mtime": 1.0, "etag": None, "study_uid": "s1", "selected": True, "deleted": False},
+            {"uri": "c", "size": 1, "mtime": 1.0, "etag": "z", "study_uid": "s2", "selected": True, "deleted": False},
+        ]
+    )
+    listing = [
+        {"uri": "a", "size": 1, "mtime": 5.0, "etag": "x"},  # same etag: unchanged even though mtime moved
+        {"uri": "b", "size": 2, "mtime": 1.0, "etag": None},  # no etag: size changed
+        {"uri": "d", "size": 1, "mtime": 1.0, "etag": "w"},  # new
+    ]
+    unchanged, to_read, deleted = diff_listing(previous, listing)
+    assert unchanged["uri"].tolist() == ["a"]
+    assert [e["uri"] for e in to_read] == ["b", "d"]
+    assert deleted["uri"].tolist() == ["c"] and deleted["deleted"].all()
+
+    index = previous.assign(deleted=[False, False, True])
+    scored = pd.DataFrame([{"study_uid": "s1", "fingerprint": "old", "model_version": "m1"}])
+    plan = plan_studies(index, scored, "m1")
+    assert plan[["study_uid", "reason"]].values.tolist() == [["s1", "changed"]]  # s2 is gone: not planned
+    assert plan_studies(index, scored, "m2")["reason"].tolist() == ["model"]
+    assert plan_studies(index, None, "m1")["reason"].tolist() == ["new"]
+    same = scored.assign(fingerprint=plan["fingerprint"].iloc[0])
+    assert plan_studies(index, same, "m1").empty
+    assert plan_studies(index, same, "m1", full=True)["reason"].tolist() == ["full"]
+
+
+def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatch, capsys):
+    (v1, version1), (v2, version2) = bundles
+    archive, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    generate(archive, dataclasses.replace(SYNTH, bad_files=1), workers=1)
+    run = dict(job=JOB, max_reject_fraction=0.5)
+
+    # Night 1: everything is new.
+    first = nightly(archive, v1, out, now=night(1), **run)
+    assert first.summary.status == "succeeded"
+    assert first.plan.run_id == f"nightly-20261121-{version1}"
+    assert sorted(first.plan.plan["reason"]) == ["new"] * 3
+    assert first.summary.n_inputs == first.summary.n_slices_scored + first.summary.n_rejected
+    assert len(_latest(out)) == 3
+
+    # Night 2: nothing changed, nothing scored (a run is still committed, with its index).
+    second = nightly(archive, v1, out, now=night(2), **run)
+    assert second.plan.plan.empty and second.summary.n_studies == 0 and second.summary.status == "succeeded"
+    assert set(_latest(out)["run_id"]) == {first.plan.run_id}
+    # The bad file was reported the night it appeared, not again.
+    errors = query(out, "SELECT run_id, reason FROM errors WHERE stage = 'index'")
+    assert set(errors["run_id"]) == {first.plan.run_id}
+
+    # Night 3: a new study arrives; only it is scored.
+    extra = str(tmp_path / "extra")
+    generate(extra, dataclasses.replace(SYNTH, studies=1, seed=99), workers=1)
+    new_study = pd.read_csv(f"{extra}/studies.csv")["study_uid"].iloc[0]
+    shutil.copytree(f"{extra}/{new_study}", f"{archive}/{new_study}")
+    third = nightly(archive, v1, out, now=night(3), **run)
+    assert third.plan.plan[["study_uid", "reason"]].values.tolist() == [[new_study, "new"]]
+    latest = _latest(out)
+    assert len(latest) == 4 and latest.set_index("study_uid").loc[new_study, "run_id"] == third.plan.run_id
+
+    # A dry run prints the plan with a time estimate and writes nothing.
+    before = sorted(e.uri for e in storage.list_files(out))
+    dry = nightly(archive, v2, out, now=night(4), dry_run=True, **run)
+    assert sorted(dry.plan.plan["reason"]) == ["model"] * 4 and dry.plan.estimated_seconds is not None
+    assert sorted(e.uri for e in storage.list_files(out)) == before
+
+    # Night 4: a new model version rescoring everything; the run is killed before its commit.
+    import ichd_ray.score
+
+    real_commit = ichd_ray.score.commit_run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(ichd_ray.score, "commit_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        nightly(archive, v2, out, now=night(4), **run)
+    assert set(_latest(out)["model_version"]) == {version1}  # nothing of the killed run is visible
+    monkeypatch.setattr(ichd_ray.score, "commit_run", real_commit)
+
+    # Night 5 (a new study arrived meanwhile) replays... no: the re-run of night 4 repeats night 4's plan.
+    generate(str(tmp_path / "late"), dataclasses.replace(SYNTH, studies=1, seed=123), workers=1)
+    late = pd.read_csv(tmp_path / "late" / "studies.csv")["study_uid"].iloc[0]
+    shutil.copytree(tmp_path / "late" / late, f"{archive}/{late}")
+    rerun = nightly(archive, v2, out, now=night(4), **run)
+    assert rerun.plan.reused and sorted(rerun.plan.plan["reason"]) == ["model"] * 4
+    assert late not in set(rerun.plan.plan["study_uid"])
+    latest = _latest(out)
+    assert len(latest) == 4 and set(latest["model_version"]) == {version2}
+    dup = query(out, f"SELECT sop_uid, count(*) AS n FROM slices WHERE run_id = '{rerun.plan.run_id}' GROUP BY sop_uid HAVING n > 1")
+    assert dup.empty  # the killed attempt left no second copy
+
+    # Night 5: the late study is new; one study is deleted from the archive and drops out.
+    gone = sorted(first.plan.plan["study_uid"])[0]
+    shutil.rmtree(f"{archive}/{gone}")
+    fifth = nightly(archive, v2, out, now=night(5), **run)
+    assert fifth.plan.plan[["study_uid", "reason"]].values.tolist() == [[late, "new"]]
+    assert fifth.plan.deleted_objects > 0
+    latest = _latest(out)
+    assert gone not in set(latest["study_uid"]) and late in set(latest["study_uid"]) and len(latest) == 4
+    deleted = query(out, f"SELECT bool_and(deleted) AS d FROM latest_index WHERE study_uid = '{gone}'")
+    assert bool(deleted["d"].iloc[0])
+
+    # Two unreadable objects arrive: with the default limit (5%) the run fails, is committed, says why.
+    from ichd_ray.cli import main
+
+    for name in ("junk1.dcm", "junk2.dcm"):
+        (tmp_path / "archive" / name).write_bytes(b"not a dicom file")
+
+    code = main(["nightly", "--archive", archive, "--model", v1, "--out", out, "--full", "--run-id", "strict", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "FAILED" in err and "max 5.0%" in err
+    status = query(out, "SELECT status, problems FROM runs WHERE run_id = 'strict'")
+    assert status["status"].iloc[0] == "failed" and "top reasons" in status["problems"].iloc[0]
+
+
+def test_a_held_lease_stops_a_second_run(ray_session, bundles, tmp_path, capsys):
+    from ichd_ray.cli import main
+    from ichd_ray.lease import LeaseHeld, acquire
+
+    (v1, _), _ = bundles
+    archive, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    generate(archive, dataclasses.replace(SYNTH, studies=1), workers=1)
+    holder = acquire(storage.join(out, "_lease.json"), holder="other-host:4242:run")
+    with pytest.raises(LeaseHeld) as info:
+        nightly(archive, v1, out, job=JOB)
+    assert info.value.holder == "other-host:4242:run"
+    code = main(["nightly", "--archive", archive, "--model", v1, "--out", out, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == EXIT_LEASE_HELD and "other-host:4242:run" in err
+    assert not storage.list_files(storage.join(out, "runs"))  # the loser wrote nothing
+    from ichd_ray.lease import release
+
+    release(holder)
+    assert nightly(archive, v1, out, job=JOB).summary.status == "succeeded"
+
+
+def test_nightly_on_s3(ray_session, bundles, s3_bucket):
+    (v1, _), (v2, _) = bundles
+    bucket, config = s3_bucket
+    archive, out = f"s3://{bucket}/archive", f"s3://{bucket}/results"
+    generate(archive, SYNTH, storage_config=config)
+    first = nightly(archive, v1, out, job=JOB, now=night(1), storage_config=config)
+    assert first.summary.status == "succeeded" and len(first.plan.plan) == 3
+    second = nightly(archive, v1, out, job=JOB, now=night(2), storage_config=config)
+    assert second.plan.plan.empty
+    third = nightly(archive, v2, out, job=JOB, now=night(3), storage_config=config)
+    assert sorted(third.plan.plan["reason"]) == ["model"] * 3
+    latest = _latest(out, config)
+    assert len(latest) == 3 and set(latest["run_id"]) == {third.plan.run_id}
+    assert not storage.exists(f"{out}/_lease.json", config)  # released after the run
