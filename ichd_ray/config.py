@@ -129,14 +129,10 @@ class RaySection:
             _require(self.num_cpus >= 1, f"{prefix}.num_cpus", "an integer >= 1 or null", self.num_cpus)
 
 
-@dataclass(frozen=True)
-class JobConfig:
-    index: IndexConfig = field(default_factory=IndexConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    storage: StorageSection = field(default_factory=StorageSection)
-    ray: RaySection = field(default_factory=RaySection)
+class SectionedConfig:
+    """A config made of sections (dataclasses with ``validate(prefix)``): validation, JSON and hash."""
 
-    def validate(self) -> "JobConfig":
+    def validate(self):
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
         return self
@@ -145,8 +141,16 @@ class JobConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def sha256(self) -> str:
-        """Hash of the resolved config (sorted JSON): identifies it in the runs table."""
+        """Hash of the resolved config (sorted JSON): identifies it in run and bundle metadata."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobConfig(SectionedConfig):
+    index: IndexConfig = field(default_factory=IndexConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    storage: StorageSection = field(default_factory=StorageSection)
+    ray: RaySection = field(default_factory=RaySection)
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "JobConfig":
         """Apply ``{"section": {"field": value}}`` (None values skipped) and validate."""

@@ -554,7 +554,7 @@ def _open_temp(path: str) -> tuple[str, int]:
     return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
 
 
-def write_bytes(uri: UriLike, data: bytes | bytearray | memoryview, config: StorageConfig | None = None) -> None:
+def write_bytes(uri: UriLike, data: Any, config: StorageConfig | None = None) -> None:
     """Write a whole file or object, replacing any existing one.
 
     Local: written to a temporary file in the target directory (parents are created) and renamed into
@@ -563,7 +563,7 @@ def write_bytes(uri: UriLike, data: bytes | bytearray | memoryview, config: Stor
 
     Args:
         uri: Local path, ``file://`` or ``s3://`` URI.
-        data: The content.
+        data: The content: bytes, bytearray or any buffer (memoryview, numpy array, pyarrow Buffer).
         config: S3 settings; None means :meth:`StorageConfig.from_env`.
 
     Raises:
@@ -572,7 +572,9 @@ def write_bytes(uri: UriLike, data: bytes | bytearray | memoryview, config: Stor
     """
     text = os.fspath(uri)
     scheme, path = parse_uri(text)
-    payload = bytes(data) if isinstance(data, memoryview) else data
+    # Local files take any buffer as is; boto3 wants bytes, bytearray or a file (a pyarrow Buffer or
+    # memoryview is copied once here).
+    payload = data if isinstance(data, (bytes, bytearray)) or scheme == "file" else bytes(memoryview(data))
     if scheme == "file":
         tmp, fd = _open_temp(path)
         try:

@@ -154,6 +154,23 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
     status = query(out, "SELECT status, problems FROM runs WHERE run_id = 'strict'")
     assert status["status"].iloc[0] == "failed" and "top reasons" in status["problems"].iloc[0]
 
+    # Every `ichd-ray results` example of the README answers on this output.
+    examples = _readme_examples()
+    assert len(examples) == 3
+    for sql in examples:
+        assert main(["results", out, "--sql", sql]) == 0
+        text = capsys.readouterr().out
+        assert text.strip() and "Empty" not in text, sql
+
+
+def _readme_examples() -> list[str]:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Result tables for analytics", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r'^ichd-ray results OUT --sql "(.+)"$', section, flags=re.M)
+
 
 def test_a_held_lease_stops_a_second_run(ray_session, bundles, tmp_path, capsys):
     from ichd_ray.cli import main
