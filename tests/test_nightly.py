@@ -193,17 +193,43 @@ def test_a_held_lease_stops_a_second_run(ray_session, bundles, tmp_path, capsys)
     assert nightly(archive, v1, out, job=JOB).summary.status == "succeeded"
 
 
-def test_nightly_on_s3(ray_session, bundles, s3_bucket):
-    (v1, _), (v2, _) = bundles
+def test_nightly_on_s3(ray_session, bundles, s3_bucket, monkeypatch):
+    import ichd_ray.score
+    from ichd_ray.lease import LeaseHeld, acquire, release
+
+    (v1, _), (v2, version2) = bundles
     bucket, config = s3_bucket
     archive, out = f"s3://{bucket}/archive", f"s3://{bucket}/results"
     generate(archive, SYNTH, storage_config=config)
-    first = nightly(archive, v1, out, job=JOB, now=night(1), storage_config=config)
+    run = dict(job=JOB, storage_config=config)
+    first = nightly(archive, v1, out, now=night(1), **run)
     assert first.summary.status == "succeeded" and len(first.plan.plan) == 3
-    second = nightly(archive, v1, out, job=JOB, now=night(2), storage_config=config)
-    assert second.plan.plan.empty
-    third = nightly(archive, v2, out, job=JOB, now=night(3), storage_config=config)
-    assert sorted(third.plan.plan["reason"]) == ["model"] * 3
+    assert nightly(archive, v1, out, now=night(2), **run).plan.plan.empty
+
+    # A new study: only it is scored.
+    generate(f"s3://{bucket}/incoming", dataclasses.replace(SYNTH, studies=1, seed=77), storage_config=config)
+    for entry in storage.list_files(f"s3://{bucket}/incoming", suffix=".dcm", config=config):
+        storage.write_bytes(entry.uri.replace("/incoming/", "/archive/"), storage.read_bytes(entry.uri, config), config)
+    third = nightly(archive, v1, out, now=night(3), **run)
+    assert third.plan.plan["reason"].tolist() == ["new"]
+
+    # Another run holds the lease: this one stops before doing anything.
+    held = acquire(f"{out}/_lease.json", holder="cron-pod-7", storage_config=config)
+    with pytest.raises(LeaseHeld, match="cron-pod-7"):
+        nightly(archive, v2, out, now=night(4), **run)
+    release(held)
+
+    # A new model version, killed before its commit, then re-run: all 4 rescored once, nothing lost.
+    real_commit = ichd_ray.score.commit_run
+    monkeypatch.setattr(ichd_ray.score, "commit_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        nightly(archive, v2, out, now=night(4), **run)
+    monkeypatch.setattr(ichd_ray.score, "commit_run", real_commit)
+    assert set(_latest(out, config)["model_version"]) != {version2}
+    fourth = nightly(archive, v2, out, now=night(4), **run)
+    assert fourth.plan.reused and sorted(fourth.plan.plan["reason"]) == ["model"] * 4
     latest = _latest(out, config)
-    assert len(latest) == 3 and set(latest["run_id"]) == {third.plan.run_id}
+    assert len(latest) == 4 and set(latest["run_id"]) == {fourth.plan.run_id}
+    dup = query(out, f"SELECT sop_uid FROM slices WHERE run_id = '{fourth.plan.run_id}' GROUP BY sop_uid HAVING count(*) > 1", config)
+    assert dup.empty
     assert not storage.exists(f"{out}/_lease.json", config)  # released after the run
