@@ -92,7 +92,7 @@ def main() -> int:
         "- Decode + window is CPU work: 1,283–1,342 slices/s per core measured for 512² uncompressed input",
         "  (`bench/preprocess.py`), 78–81% of that reached through Ray at 96 studies (`bench/score.py`): take",
         "  ~1,000 slices/s per core. A full rescoring (new model) of 40 M slices needs 40,000 core-seconds ≈",
-        "  11 core-hours of decode: 16 vCPU per GPU node decode ~16,000 slices/s, more than one GPU consumes.",
+        "  11 core-hours of decode: a 16-vCPU GPU node decodes ~16,000 slices/s.",
         "- The GPU stage was not measured (this task was not lent a GPU). With R slices/s per GPU for the",
         "  bundle's CNN + sequence model, a full rescoring takes 40 M / R GPU-seconds: 11.1 GPU-hours at",
         "  R = 1,000, 5.6 at R = 2,000, 2.8 at R = 4,000 (e.g. 8 GPUs: 83, 42 or 21 min). Measure R with",
@@ -104,7 +104,7 @@ def main() -> int:
         "  at this scale it is the listing (S3 LIST: 1,000 keys per request) and the index Parquet (~40 M rows",
         "  read and rewritten per night) that dominate. Shard the index by study prefix before 40 M objects.",
         f"- New objects' headers: {header_rate / cpus:.0f} objects/s per CPU here (local disk); on S3 each is one",
-        "  ranged GET, latency-bound: plan ~50–100 per CPU per second with 16 tasks in flight per node.",
+        "  ranged GET, so the rate is set by S3 latency, not measured here: measure it on the cluster before sizing.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -8,6 +8,7 @@ demo shows the system; the honest out-of-fold figures are the training table it 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ def run_demo(cfg: DemoConfig):
 
     init_ray(train_cfg.ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train"):  # the demo prints its own progress lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     print(f"[2/4] training (preset demo: {train_cfg.data.folds} folds, {train_cfg.cnn.backbone} at {train_cfg.data.input_size}px) on local Ray")
     trained = train_all(archive, labels, model, train_cfg, overwrite=True, log=lambda line: print("   " + line))
     print()

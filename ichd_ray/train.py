@@ -84,7 +84,7 @@ def train_cnn_stage(
     for k in range(cfg.data.folds):
         summary = train_cnn_fold(studies, k, cfg, work_uri, normalization=norm, storage_config=storage_config, fault=fault)
         last = summary["history"][-1]
-        log(f"  cnn fold {k}: {len(summary['history'])} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, "
+        log(f"  cnn fold {k}: {last['epoch'] + 1} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, "
             f"{last.get('train_samples_per_s', 0):.0f} samples/s")
         folds.append(summary)
     return {"folds": folds, "studies": len(studies), "slices": n_slices, "decode_failures": failures, "seconds": time.perf_counter() - started}
@@ -205,7 +205,7 @@ def train_sequence_stage(
     for k in range(cfg.data.folds):
         summary = train_sequence_fold(rows, k, cfg, work_uri, storage_config=storage_config, fault=fault)
         last = summary["history"][-1]
-        log(f"  sequence fold {k}: {len(summary['history'])} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
+        log(f"  sequence fold {k}: {last['epoch'] + 1} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
         seq_summaries.append(summary)
 
     preds = out_of_fold_predictions(rows, cfg.data.folds, cfg, work_uri, storage_config)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(600)
 TINY = {
     "data": {"folds": 2, "input_size": 32, "studies_per_task": 4},
     "cnn": {"backbone": "test_resnet", "epochs": 2, "samples_per_study": 4, "batch_size": 8, "torch_threads": 1},
-    "sequence": {"epochs": 2, "batch_size": 4, "window": 6, "proj_dims": [16, 8], "hidden": 8},
+    "sequence": {"epochs": 2, "batch_size": 4, "window": 6, "proj_dims": [16, 8], "hidden": 8, "checkpoint_every": 1},
 }
 
 
