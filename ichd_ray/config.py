@@ -233,18 +233,21 @@ def from_dict(data: dict[str, Any]) -> JobConfig:
     return _coerce(JobConfig, data or {}, "").validate()
 
 
+def read_yaml_sections(path_or_uri: str) -> dict[str, Any]:
+    """A config YAML (local path or storage URI) as ``{section: mapping}``; anything else is a ConfigError."""
+    from ichd_ray import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(path_or_uri).decode("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path_or_uri}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path_or_uri}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_job_config(path_or_uri: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobConfig:
     """Read a YAML job config (local path or storage URI), apply flag overrides, validate."""
-    data: dict[str, Any] = {}
-    if path_or_uri:
-        from ichd_ray import storage
-
-        try:
-            data = yaml.safe_load(storage.read_bytes(path_or_uri).decode("utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path_or_uri}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path_or_uri}: expected a mapping of sections at the top level")
-    config = from_dict(data)
+    config = from_dict(read_yaml_sections(path_or_uri) if path_or_uri else {})
     return config.with_overrides(overrides) if overrides else config
 

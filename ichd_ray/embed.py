@@ -64,6 +64,8 @@ def embed_fold(
 
     from ichd_ray.manifest import MANIFEST_SCHEMA, write_manifest
     from ichd_ray.models.bundle import BundleConfig, save_bundle
+    from ichd_ray.models.sequence import SequenceModel
+    from ichd_ray.models.slice_cnn import SliceCNN
     from ichd_ray.outputs import read_run
     from ichd_ray.score import score_job
     from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
@@ -75,9 +77,11 @@ def embed_fold(
         return read_embeddings(out_uri, storage_config)
 
     bundle_uri = storage.join(prefix, "bundle")
+    cnn = SliceCNN(cfg.cnn.backbone, mean=DEFAULT_NORMALIZATION.mean, std=DEFAULT_NORMALIZATION.std)
+    cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri, storage_config)), strict=True)
     config = BundleConfig(
         backbone=cfg.cnn.backbone,
-        embed_dim=1,  # replaced below with the backbone's width
+        embed_dim=cnn.num_features,
         input_size=cfg.data.input_size,
         folds=1,
         windows=DEFAULT_WINDOWS,
@@ -86,13 +90,6 @@ def embed_fold(
         training={"state": "oof-embedding", "fold": fold},
         version_id=f"oof-fold{fold}",
     )
-    cnn = config.build_cnn()
-    cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri, storage_config)), strict=True)
-    from dataclasses import replace
-
-    from ichd_ray.models.sequence import SequenceModel
-
-    config = replace(config, embed_dim=cnn.num_features)
     seq = SequenceModel.from_config(cnn.num_features, config.sequence)  # unused: only the CNN outputs matter here
     save_bundle(bundle_uri, config, [cnn], [seq], storage_config, overwrite=True)
 

@@ -116,7 +116,7 @@ def out_of_fold_predictions(rows, folds: int, cfg, work_uri, storage_config) -> 
     import safetensors.torch
 
     from ichd_ray.models.sequence import SequenceModel
-    from ichd_ray.train_sequence import _decode, predict_studies, sequence_weights_uri
+    from ichd_ray.train_sequence import predict_studies, sequence_weights_uri
 
     prior, cnn, seq, study_head, ordered = [], [], [], {}, []
     for k in range(folds):
@@ -124,14 +124,15 @@ def out_of_fold_predictions(rows, folds: int, cfg, work_uri, storage_config) -> 
         held = [r for r in rows if r["fold"] == k]
         if not held:
             continue
-        prevalence = np.concatenate([_decode(r)["labels"] for r in train]).mean(axis=0).clip(1e-6, 1 - 1e-6)
+        prevalence = np.concatenate([np.frombuffer(r["labels"], np.uint8) for r in train]).reshape(-1, len(CLASSES))
+        prevalence = prevalence.mean(axis=0).clip(1e-6, 1 - 1e-6)
         model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.model_config(), len(CLASSES))
         model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
         preds = predict_studies(model, held)
         for r, (slice_p, study_p) in zip(held, preds):
             n = int(r["n"])
             prior.append(np.tile(prevalence, (n, 1)))
-            cnn.append(1.0 / (1.0 + np.exp(-_decode(r)["logits"].astype(np.float64))))
+            cnn.append(1.0 / (1.0 + np.exp(-np.frombuffer(r["logits"], np.float32).astype(np.float64).reshape(n, -1))))
             seq.append(slice_p)
             study_head[r["study_uid"]] = study_p
         ordered += held
@@ -180,6 +181,7 @@ def train_sequence_stage(
 
     from ichd_ray.embed import embed_fold
     from ichd_ray.evaluate import evaluate_predictions
+    from ichd_ray.labels import label_id
     from ichd_ray.metrics import choose_thresholds
     from ichd_ray.models.bundle import BundleConfig, save_bundle
     from ichd_ray.models.sequence import SequenceModel
@@ -218,19 +220,19 @@ def train_sequence_stage(
         "sequence_vs_prior": wll["cnn_sequence"] / wll["prior"] - 1,
     }
     # Thresholds for `flagged` are chosen where they are used: on the study head's out-of-fold output.
-    study_truth = preds["cnn"].merge(labels, left_on=preds["cnn"]["sop_uid"].map(_label_id), right_index=True)
-    study_y = study_truth.groupby("study_uid")[list(CLASSES)].max()
+    truth = labels.loc[[label_id(sop) for sop in preds["cnn"]["sop_uid"]]].set_index(preds["cnn"]["study_uid"].to_numpy())
+    study_y = truth.groupby(level=0).max()
     head = preds["study_head"].loc[study_y.index]
     thresholds = dict(zip(CLASSES, choose_thresholds(study_y.to_numpy(), head.to_numpy())))
     metrics["thresholds"] = thresholds
 
     # The bundle: CNN k and sequence model k from the work folder, written like any bundle.
     cnns, seqs = [], []
-    probe = SliceCNN(cfg.cnn.backbone, len(CLASSES))
+    embed_dim = int(rows[0]["dim"])  # the CNNs' embedding width, as the embedding stage wrote it
     for k in range(cfg.data.folds):
         cnn = SliceCNN(cfg.cnn.backbone, len(CLASSES))
         cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri(work_uri, k), storage_config)))
-        seq = SequenceModel.from_config(probe.num_features, cfg.sequence.model_config(), len(CLASSES))
+        seq = SequenceModel.from_config(embed_dim, cfg.sequence.model_config(), len(CLASSES))
         seq.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
         cnns.append(cnn)
         seqs.append(seq)
@@ -252,7 +254,7 @@ def train_sequence_stage(
     windows, norm = _windows_and_norm()
     config = BundleConfig(
         backbone=cfg.cnn.backbone,
-        embed_dim=probe.num_features,
+        embed_dim=embed_dim,
         input_size=cfg.data.input_size,
         folds=cfg.data.folds,
         sequence=cfg.sequence.model_config(),
@@ -262,12 +264,6 @@ def train_sequence_stage(
     written = save_bundle(out_uri, config, cnns, seqs, storage_config, overwrite=overwrite)
     storage.write_bytes(storage.join(work_uri, "metrics.json"), json.dumps(_compact(metrics), indent=1).encode(), storage_config)
     return TrainResult(out_uri, written.version_id, metrics, format_metrics(metrics), time.perf_counter() - started)
-
-
-def _label_id(sop: str) -> str:
-    from ichd_ray.labels import label_id
-
-    return label_id(sop)
 
 
 def _compact(metrics: dict[str, Any]) -> dict[str, Any]:

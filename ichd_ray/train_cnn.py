@@ -23,7 +23,7 @@ import numpy as np
 
 from ichd_ray import CLASS_WEIGHTS, CLASSES, storage
 
-__all__ = ["lr_at", "cnn_train_loop", "train_cnn_fold", "ray_run_config", "cnn_weights_uri"]
+__all__ = ["lr_at", "cnn_train_loop", "train_cnn_fold", "ray_run_config", "cnn_weights_uri", "finished_fold", "fit_and_export"]
 
 
 def lr_at(step: int, total: int, peak: float, warmup_fraction: float, min_fraction: float) -> float:
@@ -187,6 +187,34 @@ def ray_run_uri(work_uri: str, name: str) -> str:
     return storage.join(work_uri, "ray_train", name)
 
 
+def finished_fold(weights_uri: str, storage_config) -> dict[str, Any] | None:
+    """The summary of a fold whose weights were already exported (a resumed run skips it), else None."""
+    summary_uri = weights_uri.replace(".safetensors", ".json")
+    if storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config):
+        return json.loads(storage.read_bytes(summary_uri, storage_config))
+    return None
+
+
+def fit_and_export(trainer, weights_uri: str, metadata: dict[str, str], summary: dict[str, Any], storage_config) -> dict[str, Any]:
+    """Run a fold's trainer; export the last checkpoint's weights (safetensors) and the fold summary
+    (``summary`` + ``weights_uri``, ``history``, ``seconds``) beside them. The summary is written last:
+    it is what :func:`finished_fold` looks for."""
+    from safetensors.torch import load_file, save
+
+    from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
+
+    started = time.perf_counter()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, STATE_FILE)) as fh:
+            history = json.load(fh)["history"]
+        weights = load_file(os.path.join(directory, MODEL_FILE))
+    storage.write_bytes(weights_uri, save(weights, metadata=metadata), storage_config)
+    summary = {**summary, "weights_uri": weights_uri, "history": history, "seconds": time.perf_counter() - started}
+    storage.write_bytes(weights_uri.replace(".safetensors", ".json"), json.dumps(summary, indent=1).encode(), storage_config)
+    return summary
+
+
 def cnn_weights_uri(work_uri: str, fold: int) -> str:
     return storage.join(work_uri, "cnn", f"fold{fold}.safetensors")
 
@@ -218,15 +246,13 @@ def train_cnn_fold(
     """
     import ray.train
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import save_file
 
-    from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
     from ichd_ray.train_data import train_dataset, val_dataset
 
     weights_uri = cnn_weights_uri(work_uri, fold)
-    summary_uri = weights_uri.replace(".safetensors", ".json")
-    if storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config):
-        return json.loads(storage.read_bytes(summary_uri, storage_config))
+    done = finished_fold(weights_uri, storage_config)
+    if done is not None:
+        return done
 
     c = cfg.cnn
     train = [s for s in studies if s["fold"] != fold]
@@ -263,20 +289,8 @@ def train_cnn_fold(
         run_config=ray_run_config(work_uri, f"cnn-fold{fold}", c.max_failures, storage_config),
         datasets=datasets,
     )
-    started = time.perf_counter()
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, STATE_FILE)) as fh:
-            history = json.load(fh)["history"]
-        from safetensors.torch import load_file
-
-        weights = load_file(os.path.join(directory, MODEL_FILE))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.safetensors")
-        save_file(weights, path, metadata={"kind": "cnn", "fold": str(fold), "backbone": c.backbone})
-        with open(path, "rb") as fh:
-            storage.write_bytes(weights_uri, fh.read(), storage_config)
-    summary = {"fold": fold, "weights_uri": weights_uri, "history": history, "seconds": time.perf_counter() - started,
-               "train_studies": len(train), "val_studies": len(held_out), "steps_per_epoch": steps_per_epoch}
-    storage.write_bytes(summary_uri, json.dumps(summary, indent=1).encode(), storage_config)
-    return summary
+    return fit_and_export(
+        trainer, weights_uri, {"kind": "cnn", "fold": str(fold), "backbone": c.backbone},
+        {"fold": fold, "train_studies": len(train), "val_studies": len(held_out), "steps_per_epoch": steps_per_epoch},
+        storage_config,
+    )

@@ -57,7 +57,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import yaml
 
 from ichd_ray.config import (
     ConfigError,
@@ -68,6 +67,7 @@ from ichd_ray.config import (
     StorageSection,
     _coerce,
     _require,
+    read_yaml_sections,
 )
 
 __all__ = ["DataSection", "CnnSection", "SequenceSection", "TrainConfig", "PRESETS", "load_train_config"]
@@ -250,15 +250,7 @@ def load_train_config(preset: str = "demo", path_or_uri: str | None = None, over
         raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     data = json.loads(json.dumps(PRESETS[preset]))
     if path_or_uri:
-        from ichd_ray import storage
-
-        try:
-            loaded = yaml.safe_load(storage.read_bytes(path_or_uri).decode("utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path_or_uri}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path_or_uri}: expected a mapping of sections at the top level")
-        for section, values in loaded.items():
+        for section, values in read_yaml_sections(path_or_uri).items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{section}: expected a mapping, got {values!r}")
             data[section] = {**data.get(section, {}), **values}

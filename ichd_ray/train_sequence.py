@@ -10,8 +10,6 @@ resume work as for the CNN (:mod:`ichd_ray.train_cnn`).
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
 from typing import Any
@@ -202,15 +200,13 @@ def train_sequence_fold(
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file, save_file
 
-    from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
-    from ichd_ray.train_cnn import ray_run_config, ray_run_uri
+    from ichd_ray.train_cnn import finished_fold, fit_and_export, ray_run_config, ray_run_uri
 
     weights_uri = sequence_weights_uri(work_uri, fold)
-    summary_uri = weights_uri.replace(".safetensors", ".json")
-    if storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config):
-        return json.loads(storage.read_bytes(summary_uri, storage_config))
+    done = finished_fold(weights_uri, storage_config)
+    if done is not None:
+        return done
 
     c = cfg.sequence
     train = [r for r in rows if r["fold"] != fold]
@@ -235,21 +231,10 @@ def train_sequence_fold(
         run_config=ray_run_config(work_uri, f"sequence-fold{fold}", c.max_failures, storage_config),
         datasets=datasets,
     )
-    started = time.perf_counter()
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, STATE_FILE)) as fh:
-            history = json.load(fh)["history"]
-        weights = load_file(os.path.join(directory, MODEL_FILE))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.safetensors")
-        save_file(weights, path, metadata={"kind": "sequence", "fold": str(fold)})
-        with open(path, "rb") as fh:
-            storage.write_bytes(weights_uri, fh.read(), storage_config)
-    summary = {"fold": fold, "weights_uri": weights_uri, "history": history, "seconds": time.perf_counter() - started,
-               "train_studies": len(train), "val_studies": len(held_out)}
-    storage.write_bytes(summary_uri, json.dumps(summary, indent=1).encode(), storage_config)
-    return summary
+    return fit_and_export(
+        trainer, weights_uri, {"kind": "sequence", "fold": str(fold)},
+        {"fold": fold, "train_studies": len(train), "val_studies": len(held_out)}, storage_config,
+    )
 
 
 def predict_studies(model, rows: list[dict[str, Any]], batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
