@@ -148,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", required=True, help="labels CSV in the RSNA format")
     evaluate.add_argument("--run-id", help="default: the newest committed run")
     evaluate.add_argument("--json", dest="json_out", help="where to write the metrics JSON (default: OUT/evaluation/<run_id>.json)")
-    evaluate.add_argument("--model", help="bundle whose thresholds to use (default: 0.5 per class)")
+    evaluate.add_argument(
+        "--model",
+        help="bundle whose thresholds to use: its slice_thresholds on slices and the ETH rule, its (study head) "
+        "thresholds on the studies table (default: 0.5 per class, with a warning)",
+    )
     _storage_args(evaluate)
 
     demo = sub.add_parser("demo", help="the embedded default: synthesise, train (preset demo), score, evaluate on local Ray")
@@ -341,14 +345,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ichd_ray.evaluate import evaluate, format_table
 
     sc = _storage_config(args)
-    thresholds = None
-    if args.model:
-        from ichd_ray.models.bundle import load_bundle_config
-
-        config, _ = load_bundle_config(args.model, sc)
-        thresholds = [config.thresholds[c] for c in config.classes]
-    try:
-        result = evaluate(args.predictions, args.labels, None, run_id=args.run_id, thresholds=thresholds, storage_config=sc)
+    try:  # a bad bundle is a BundleError, a ValueError
+        result = evaluate(args.predictions, args.labels, None, run_id=args.run_id, model=args.model, storage_config=sc)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ichd-ray evaluate: {exc}", file=sys.stderr)
         return 2

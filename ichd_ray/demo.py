@@ -84,17 +84,11 @@ def run_demo(cfg: DemoConfig):
     print("\n".join("      " + line for line in format_summary(summary).splitlines()))
 
     print("[4/4] evaluating the scored run against the labels")
-    thresholds = list(trained_thresholds(model))
-    result = evaluate(results, labels, storage.join(results, "evaluation", "demo.json"), run_id="demo", thresholds=thresholds)
+    # The bundle's slice thresholds on slices, its study thresholds on the studies table.
+    result = evaluate(results, labels, storage.join(results, "evaluation", "demo.json"), run_id="demo", model=model)
     print("\n".join("      " + line for line in format_table(result).splitlines()))
     print(f"\ndone in {time.perf_counter() - started:.0f} s. The result Parquet is under {results}/ (slices, studies, errors, runs);")
     print(f"query it:  ichd-ray results {results} --sql \"SELECT study_uid, p_any, flagged FROM studies ORDER BY p_any DESC LIMIT 10\"")
     print("DuckDB/pandas/Athena: the views in ichd_ray/sql/views.sql read only committed runs (README: Result tables)")
     return summary
 
-
-def trained_thresholds(model_uri: str):
-    from ichd_ray.models.bundle import load_bundle_config
-
-    config, _ = load_bundle_config(model_uri)
-    return (config.thresholds[c] for c in config.classes)

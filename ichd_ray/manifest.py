@@ -36,6 +36,9 @@ __all__ = [
     "MANIFEST_SCHEMA",
     "list_inputs",
     "read_headers",
+    "read_headers_on_ray",
+    "excluded_rows",
+    "is_excluded",
     "select_series",
     "build_manifest",
     "write_manifest",
@@ -74,14 +77,18 @@ _AXIAL_MIN_NORMAL_Z = math.cos(math.radians(35))
 def list_inputs(
     input_uri: str, config: IndexConfig, storage_config: storage.StorageConfig | None = None
 ) -> list[storage.FileEntry]:
-    """Objects under a prefix (or the URIs named in a manifest file: ``.txt`` one per line, or
-    ``.parquet`` with a ``uri`` column), minus side files by suffix (labels, notes)."""
+    """Every object under a prefix (or the URIs named in a manifest file: ``.txt`` one per line, or
+    ``.parquet`` with a ``uri`` column). Side files are listed too: :func:`read_headers_on_ray` gives
+    them the reason ``excluded``, so every listed object is accounted for."""
     if input_uri.endswith((".txt", ".parquet")) and storage.exists(input_uri, storage_config) and not input_uri.endswith("/"):
         uris = _uris_from_manifest(input_uri, storage_config)
         return [_entry_of(uri, storage_config) for uri in uris]
-    entries = storage.list_files(input_uri, config=storage_config)
-    excluded = tuple(s.lower() for s in config.exclude_suffixes)
-    return [e for e in entries if not e.uri.lower().endswith(excluded)]
+    return storage.list_files(input_uri, config=storage_config)
+
+
+def is_excluded(uri: str, exclude_suffixes) -> bool:
+    """A side file by suffix (labels, notes, manifests): listed and counted, never read."""
+    return uri.lower().endswith(tuple(s.lower() for s in exclude_suffixes))
 
 
 def _uris_from_manifest(uri: str, storage_config) -> list[str]:
@@ -102,19 +109,21 @@ def _entry_of(uri: str, storage_config) -> storage.FileEntry:
     return storage.FileEntry(uri=uri, size=-1, mtime=None, etag=None)  # read fails later: read_error
 
 
-def _header_row(entry: dict[str, Any], header_bytes: int, salt: str, storage_config) -> dict[str, Any]:
+def _header_row(entry: dict[str, Any], header_bytes: int, storage_config) -> dict[str, Any]:
     row: dict[str, Any] = {name: None for name in MANIFEST_SCHEMA.names}
     row.update(uri=entry["uri"], size=entry["size"], mtime=entry["mtime"], etag=entry["etag"], selected=False)
+    # PatientID is hashed here, where it is read, with this node's ICHD_PATIENT_SALT (a pod secret):
+    # the salt never travels in a task definition.
     try:
         if entry["size"] == 0:
-            meta = read_header(b"", name=entry["uri"], salt=salt)
+            meta = read_header(b"", name=entry["uri"])
         else:
             data = storage.read_bytes(entry["uri"], storage_config, length=header_bytes)
             size = entry["size"] if entry["size"] and entry["size"] > 0 else None
             try:
-                meta = read_header(data, name=entry["uri"], salt=salt, total_size=size)
+                meta = read_header(data, name=entry["uri"], total_size=size)
             except IncompleteHeader:  # a long header (big private tags): read the whole object
-                meta = read_header(storage.read_bytes(entry["uri"], storage_config), name=entry["uri"], salt=salt)
+                meta = read_header(storage.read_bytes(entry["uri"], storage_config), name=entry["uri"])
     except DicomError as exc:
         row.update(reason=exc.reason, message=exc.message)
         return row
@@ -144,12 +153,48 @@ def _header_row(entry: dict[str, Any], header_bytes: int, salt: str, storage_con
     return row
 
 
-def read_headers(
-    entries: Iterable[dict[str, Any]], header_bytes: int, salt: str, storage_config=None
-) -> pd.DataFrame:
+def read_headers(entries: Iterable[dict[str, Any]], header_bytes: int, storage_config=None) -> pd.DataFrame:
     """Header rows for a batch of listing entries (``uri``, ``size``, ``mtime``, ``etag``)."""
-    rows = [_header_row(e, header_bytes, salt, storage_config) for e in entries]
+    rows = [_header_row(e, header_bytes, storage_config) for e in entries]
     return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+
+
+def excluded_rows(entries: Iterable[dict[str, Any]], exclude_suffixes) -> pd.DataFrame:
+    """Manifest rows of side files: reason ``excluded`` (a skip, see :mod:`ichd_ray.reasons`)."""
+    rows = []
+    for e in entries:
+        suffix = next(x for x in exclude_suffixes if e["uri"].lower().endswith(x.lower()))
+        rows.append(
+            {name: None for name in MANIFEST_SCHEMA.names}
+            | {"uri": e["uri"], "size": e["size"], "mtime": e["mtime"], "etag": e["etag"], "selected": False}
+            | {"reason": "excluded", "message": f"side file: suffix {suffix} is in index.exclude_suffixes"}
+        )
+    return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
+
+
+def _read_header_chunk(chunk: list[dict[str, Any]], header_bytes: int, storage_config: dict | None) -> pd.DataFrame:
+    return read_headers(chunk, header_bytes, storage.StorageConfig.on_worker(storage_config))
+
+
+def read_headers_on_ray(
+    entries: list[dict[str, Any]], config: IndexConfig, storage_config: storage.StorageConfig | None = None
+) -> pd.DataFrame:
+    """Header rows for listing entries: side files by suffix on the driver (never read), the rest in
+    Ray tasks of ``files_per_task`` objects. Task arguments carry no secret: storage settings without
+    credentials, and no salt."""
+    import ray
+
+    side = [e for e in entries if is_excluded(e["uri"], config.exclude_suffixes)]
+    todo = [e for e in entries if not is_excluded(e["uri"], config.exclude_suffixes)]
+    frames = [excluded_rows(side, config.exclude_suffixes)] if side else []
+    if todo:
+        task = ray.remote(num_cpus=0.5, max_retries=3)(_read_header_chunk)
+        cfg_dict = storage_config.for_workers() if storage_config else None
+        chunks = [todo[i : i + config.files_per_task] for i in range(0, len(todo), config.files_per_task)]
+        frames += ray.get([task.remote(chunk, config.header_bytes, cfg_dict) for chunk in chunks])
+    if not frames:
+        return pd.DataFrame(columns=MANIFEST_SCHEMA.names)
+    return pd.concat(frames, ignore_index=True)
 
 
 def select_series(headers: pd.DataFrame, preferred_thickness_mm: float = 5.0) -> pd.DataFrame:
@@ -198,29 +243,11 @@ def build_manifest(
     input_uri: str,
     config: IndexConfig,
     storage_config: storage.StorageConfig | None = None,
-    salt: str | None = None,
 ) -> pd.DataFrame:
     """List, read headers on Ray (``files_per_task`` objects per task) and select series."""
-    import ray
-
-    from ichd_ray.dicom import patient_salt
-
-    salt = patient_salt(salt)
     entries = list_inputs(input_uri, config, storage_config)
-    if not entries:
-        return select_series(pd.DataFrame(columns=MANIFEST_SCHEMA.names), config.preferred_thickness_mm)
     items = [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries]
-    chunks = [items[i : i + config.files_per_task] for i in range(0, len(items), config.files_per_task)]
-    cfg_dict = storage_config.for_workers() if storage_config else None
-
-    @ray.remote(num_cpus=0.5, max_retries=3)
-    def read_chunk(chunk: list[dict[str, Any]]) -> pd.DataFrame:
-        sc = storage.StorageConfig.on_worker(cfg_dict)
-        return read_headers(chunk, config.header_bytes, salt, sc)
-
-    frames = ray.get([read_chunk.remote(chunk) for chunk in chunks])
-    headers = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_SCHEMA.names)
-    return select_series(headers, config.preferred_thickness_mm)
+    return select_series(read_headers_on_ray(items, config, storage_config), config.preferred_thickness_mm)
 
 
 def to_arrow(manifest: pd.DataFrame) -> pa.Table:

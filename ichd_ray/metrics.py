@@ -3,7 +3,9 @@
 * :func:`weighted_log_loss` is the RSNA 2019 challenge metric: a multi-label log loss where ``any``
   weighs 2 and each subtype 1 (sum of weights 7), probabilities clipped to ``[eps, 1 - eps]``
   (eps = 1e-15, as in the metric itself).
-* :func:`per_class_auc`, :func:`sensitivity_specificity`: per class, at the bundle thresholds.
+* :func:`per_class_auc`, :func:`sensitivity_specificity`: per class, at given thresholds (evaluation
+  applies each set where it was chosen: slice thresholds to slice outputs, study thresholds to the
+  study head's); :func:`confusion` for calls already made (e.g. the ``flagged`` column).
 * Study level: a study is positive for a class if any of its slices is (:func:`study_labels`);
   :func:`consecutive_positive` is the ETH report's rule (positive when >= 3 consecutive slices are
   predicted positive), scored with :func:`f1_score`.
@@ -24,6 +26,7 @@ __all__ = [
     "per_class_auc",
     "sensitivity_specificity",
     "f1_score",
+    "confusion",
     "study_labels",
     "consecutive_positive",
     "choose_thresholds",
@@ -103,6 +106,25 @@ def f1_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     tp = float((y_true & y_pred).sum())
     denom = float(y_true.sum() + y_pred.sum())
     return float("nan") if denom == 0 else 2.0 * tp / denom
+
+
+def confusion(y_true: Sequence[bool] | np.ndarray, y_pred: Sequence[bool] | np.ndarray) -> dict[str, float]:
+    """Counts and rates of binary calls: tp, fp, fn, tn, sensitivity (tp / positives) and specificity
+    (tn / negatives); a rate without any case to measure it on is NaN."""
+    y_true = np.asarray(y_true, dtype=bool)
+    y_pred = np.asarray(y_pred, dtype=bool)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1:
+        raise ValueError(f"truth {y_true.shape} and calls {y_pred.shape} must be 1-d and of the same length")
+    tp, fn = int((y_true & y_pred).sum()), int((y_true & ~y_pred).sum())
+    fp, tn = int((~y_true & y_pred).sum()), int((~y_true & ~y_pred).sum())
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+    }
 
 
 def study_labels(slice_labels: np.ndarray, study_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

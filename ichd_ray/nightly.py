@@ -235,10 +235,7 @@ def make_plan(
     now: dt.datetime | None = None,
 ) -> NightlyPlan:
     """Index the archive incrementally and decide what to score (writes nothing)."""
-    import ray
-
-    from ichd_ray.dicom import patient_salt
-    from ichd_ray.manifest import list_inputs, read_headers, select_series
+    from ichd_ray.manifest import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, select_series
     from ichd_ray.models.bundle import load_bundle_config
 
     bundle_config, _ = load_bundle_config(bundle_uri, storage_config)
@@ -256,21 +253,7 @@ def make_plan(
     entries = list_inputs(archive_uri, job.index, storage_config)
     listing = [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries]
     unchanged, to_read, deleted = diff_listing(previous_index, listing)
-    salt = patient_salt(None)
-    frames = []
-    if to_read:
-        chunks = [to_read[i : i + job.index.files_per_task] for i in range(0, len(to_read), job.index.files_per_task)]
-        cfg_dict = storage_config.for_workers() if storage_config else None
-        header_bytes = job.index.header_bytes
-
-        @ray.remote(num_cpus=0.5, max_retries=3)
-        def read_chunk(chunk):
-            return read_headers(chunk, header_bytes, salt, storage.StorageConfig.on_worker(cfg_dict))
-
-        frames = ray.get([read_chunk.remote(c) for c in chunks])
-    from ichd_ray.manifest import MANIFEST_SCHEMA
-
-    fresh = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_SCHEMA.names)
+    fresh = read_headers_on_ray(to_read, job.index, storage_config)
     # Header-level reasons come back from read_headers; the series rule is redone over every live object.
     live = pd.concat([unchanged[MANIFEST_SCHEMA.names], fresh[MANIFEST_SCHEMA.names]], ignore_index=True)
     header_reasons = live["reason"].where(~live["reason"].isin(["duplicate", "other_series"]))

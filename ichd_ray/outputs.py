@@ -68,6 +68,7 @@ STUDIES_SCHEMA = pa.schema(
         ("study_uid", pa.string()),
         ("series_uid", pa.string()),
         ("n_slices", pa.int32()),
+        ("n_slices_rejected", pa.int32()),  # slices of the chosen series that failed to read or decode
         *_P,
         ("flagged", pa.bool_()),
     ]
@@ -102,7 +103,10 @@ RUNS_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("n_inputs", pa.int64()),
         ("n_slices_scored", pa.int64()),
-        ("n_rejected", pa.int64()),
+        ("n_rejected", pa.int64()),  # = n_faults + n_selected_out + n_skipped (ichd_ray.reasons)
+        ("n_faults", pa.int64()),
+        ("n_selected_out", pa.int64()),
+        ("n_skipped", pa.int64()),
         ("n_studies", pa.int64()),
         ("slices_per_s", pa.float64()),
         ("kind", pa.string()),  # score | nightly

@@ -10,6 +10,7 @@ from typing import Any
 
 from ichd_ray import storage
 from ichd_ray.outputs import views_sql
+from ichd_ray.reasons import reason_class
 
 __all__ = ["connect", "query", "format_summary"]
 
@@ -35,13 +36,19 @@ def query(out_uri: str, sql: str, storage_config: storage.StorageConfig | None =
 
 def format_summary(summary: Any) -> str:
     """The lines printed at the end of a scoring run, with a query to paste."""
-    reasons = ", ".join(f"{r} {n}" for r, n in sorted(summary.reasons.items())) or "none"
+    def by_reason(outcome: str) -> str:
+        found = {r: n for r, n in summary.reasons.items() if reason_class(r) == outcome}
+        return ", ".join(f"{r} {n}" for r, n in sorted(found.items())) or "none"
+
+    outcomes = summary.outcomes or {}
     root = summary.out_uri.rstrip("/")
     lines = [
         f"run {summary.run_id} (attempt {summary.attempt}): {summary.status}",
         f"  inputs {summary.n_inputs} = scored slices {summary.n_slices_scored} + rejected {summary.n_rejected}",
         f"  studies scored {summary.n_studies}; {summary.slices_per_s:.1f} slices/s over {summary.seconds:.1f} s",
-        f"  rejected by reason: {reasons}",
+        f"  rejected: faults {outcomes.get('fault', 0)} ({by_reason('fault')}); "
+        f"selected out {outcomes.get('selection', 0)} ({by_reason('selection')}); "
+        f"skipped {outcomes.get('skip', 0)} ({by_reason('skip')})",
         f"  tables: {root}/{{slices,studies,errors}}/run_id={summary.run_id}/  committed by {summary.run_uri}",
         "  query it (DuckDB):",
         f"    ichd-ray results {root} --sql \"SELECT study_uid, n_slices, round(p_any, 3) AS p_any, flagged "

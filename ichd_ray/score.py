@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ from ray.data.datasource import FilenameProvider
 from ichd_ray import CLASSES, __version__, storage
 from ichd_ray.config import JobConfig
 from ichd_ray.dicom import DicomError
+from ichd_ray.reasons import FAULT, count_outcomes, reason_class
 from ichd_ray.outputs import (
     EMBEDDINGS_SCHEMA,
     ERRORS_SCHEMA,
@@ -266,6 +268,7 @@ def studies_rows(batch: pa.Table, *, run_id: str, model_version: str, thresholds
         out["study_uid"].append(r["study_uid"])
         out["series_uid"].append(r["series_uid"])
         out["n_slices"].append(len(r["uris"]))
+        out["n_slices_rejected"].append(len(json.loads(r["failures"])))
         for c, name in enumerate(CLASSES):
             out[f"p_{name}"].append(r["study_probs"][c])
         out["flagged"].append(any(p >= t for p, t in zip(r["study_probs"], thresholds)))
@@ -313,6 +316,7 @@ class RunSummary:
     seconds: float
     slices_per_s: float
     reasons: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)  # fault / selection / skip counts
     out_uri: str = ""
     run_uri: str = ""
     problems: list[str] = field(default_factory=list)
@@ -469,6 +473,7 @@ def score_job(
 
     seconds = time.perf_counter() - clock
     n_rejected = len(errors)
+    outcomes = count_outcomes(e["reason"] for e in errors)
     problems = run_problems(n_inputs, n_slices, errors, max_reject_fraction)
     status = "failed" if problems else "succeeded"
     run_row = {
@@ -486,6 +491,9 @@ def score_job(
         "n_inputs": n_inputs,
         "n_slices_scored": n_slices,
         "n_rejected": n_rejected,
+        "n_faults": outcomes["fault"],
+        "n_selected_out": outcomes["selection"],
+        "n_skipped": outcomes["skip"],
         "n_studies": n_studies,
         "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
         "kind": kind,
@@ -495,12 +503,10 @@ def score_job(
         before_commit()
     run_uri = commit_run(out_uri, run_row, sc)
     remove_other_attempts(out_uri, run_id, keep=attempt, storage_config=sc)
-    reasons: dict[str, int] = {}
-    for e in errors:
-        reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+    reasons = dict(Counter(e["reason"] for e in errors))
     return RunSummary(
         run_id, attempt, status, n_inputs, n_slices, n_rejected, n_studies, seconds,
-        run_row["slices_per_s"], reasons, out_uri, run_uri, problems,
+        run_row["slices_per_s"], reasons, outcomes, out_uri, run_uri, problems,
     )
 
 
@@ -510,20 +516,22 @@ def ds_studies_uids(scored) -> list[str]:
 
 
 def run_problems(n_inputs: int, n_slices: int, errors: list[dict], max_reject_fraction: float | None) -> list[str]:
-    """Why a run is ``failed`` (empty: it succeeded): what on-call should look at first."""
+    """Why a run is ``failed`` (empty: it succeeded): what on-call should look at first.
+
+    The reject limit counts faults only (:mod:`ichd_ray.reasons`): objects selected out by the series
+    rule or skipped by suffix are the normal shape of an archive, not a problem."""
     problems = []
     if n_inputs != n_slices + len(errors):
         problems.append(f"inputs {n_inputs} != scored slices {n_slices} + rejected {len(errors)}: an input is unaccounted for")
     failed = sorted({e["uri"] for e in errors if e["stage"] == "score"})
     if failed:
         problems.append(f"{len(failed)} slice(s) of studies that failed in the model stage (errors.stage = 'score'), e.g. {failed[0]}")
-    if max_reject_fraction is not None and n_inputs and len(errors) / n_inputs > max_reject_fraction:
-        by_reason: dict[str, int] = {}
-        for e in errors:
-            by_reason[e["reason"]] = by_reason.get(e["reason"], 0) + 1
-        top = ", ".join(f"{r} {n}" for r, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:3])
+    faults = [e["reason"] for e in errors if reason_class(e["reason"]) == FAULT]
+    if max_reject_fraction is not None and n_inputs and len(faults) / n_inputs > max_reject_fraction:
+        top = ", ".join(f"{r} {n}" for r, n in Counter(faults).most_common(3))
         problems.append(
-            f"rejected {len(errors)} of {n_inputs} inputs ({len(errors) / n_inputs:.1%}) > max {max_reject_fraction:.1%}; top reasons: {top}"
+            f"{len(faults)} faults of {n_inputs} inputs ({len(faults) / n_inputs:.1%}) > max {max_reject_fraction:.1%}; "
+            f"top reasons: {top}"
         )
     return problems
 

@@ -153,7 +153,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         auc = m["slice"]["per_class"]["any"]["auc"]
         f1 = m["eth"]["f1"]
         lines.append(
-            f"{label:<22}{m['slice']['weighted_log_loss']:>11.4f}{m['study']['weighted_log_loss']:>11.4f}"
+            f"{label:<22}{m['slice']['weighted_log_loss']:>11.4f}{m['study_max_of_slices']['weighted_log_loss']:>11.4f}"
             f"{(auc if auc is not None else float('nan')):>9.3f}{(f1 if f1 is not None else float('nan')):>8.3f}"
         )
     gains = metrics["gains"]
@@ -180,9 +180,7 @@ def train_sequence_stage(
     import safetensors.torch
 
     from ichd_ray.embed import embed_fold
-    from ichd_ray.evaluate import evaluate_predictions
-    from ichd_ray.labels import label_id
-    from ichd_ray.metrics import choose_thresholds
+    from ichd_ray.evaluate import choose_run_thresholds, evaluate_predictions
     from ichd_ray.models.bundle import BundleConfig, save_bundle
     from ichd_ray.models.sequence import SequenceModel
     from ichd_ray.models.slice_cnn import SliceCNN
@@ -219,12 +217,13 @@ def train_sequence_stage(
         "sequence_vs_cnn": wll["cnn_sequence"] / wll["cnn"] - 1,
         "sequence_vs_prior": wll["cnn_sequence"] / wll["prior"] - 1,
     }
-    # Thresholds for `flagged` are chosen where they are used: on the study head's out-of-fold output.
-    truth = labels.loc[[label_id(sop) for sop in preds["cnn"]["sop_uid"]]].set_index(preds["cnn"]["study_uid"].to_numpy())
-    study_y = truth.groupby(level=0).max()
-    head = preds["study_head"].loc[study_y.index]
-    thresholds = dict(zip(CLASSES, choose_thresholds(study_y.to_numpy(), head.to_numpy())))
+    # Thresholds are chosen where they are applied: the study head's (`thresholds`: `flagged`, studies.p_*)
+    # on its out-of-fold study outputs, `slice_thresholds` (slices.p_*, the ETH rule) on the out-of-fold
+    # CNN + sequence slice outputs, the ones scoring writes.
+    chosen = choose_run_thresholds(preds["cnn_sequence"], preds["study_head"], labels)
+    thresholds, slice_thresholds = chosen["study"], chosen["slice"]
     metrics["thresholds"] = thresholds
+    metrics["slice_thresholds"] = slice_thresholds
 
     # The bundle: CNN k and sequence model k from the work folder, written like any bundle.
     cnns, seqs = [], []
@@ -259,6 +258,7 @@ def train_sequence_stage(
         folds=cfg.data.folds,
         sequence=cfg.sequence.model_config(),
         thresholds=thresholds,
+        slice_thresholds=slice_thresholds,
         training=training,
     )
     written = save_bundle(out_uri, config, cnns, seqs, storage_config, overwrite=overwrite)

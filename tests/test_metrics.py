@@ -8,6 +8,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from ichd_ray.metrics import (
     CLASS_WEIGHTS,
     choose_thresholds,
+    confusion,
     consecutive_positive,
     f1_score,
     per_class_auc,
@@ -63,6 +64,22 @@ def test_sensitivity_specificity_hand_values():
     p[:, 5] = [0.9, 0.4, 0.6, 0.1]
     out = sensitivity_specificity(y, p, [0.5] * 6)["any"]
     assert out == {"sensitivity": 0.5, "specificity": 0.5}
+
+
+def test_confusion_of_binary_calls():
+    out = confusion([1, 1, 1, 0, 0], [1, 0, 0, 1, 0])
+    assert (out["tp"], out["fp"], out["fn"], out["tn"]) == (1, 1, 2, 1)
+    assert out["sensitivity"] == pytest.approx(1 / 3) and out["specificity"] == 0.5
+    out = confusion([0, 0], [0, 1])
+    assert math.isnan(out["sensitivity"]) and out["specificity"] == 0.5
+    # the same counts sensitivity_specificity gives at a threshold
+    y = np.array([[1.0], [1.0], [0.0], [0.0]])
+    p = np.array([[0.9], [0.2], [0.6], [0.1]])
+    by_threshold = sensitivity_specificity(y, p, [0.5], classes=["x"])["x"]
+    out = confusion(y[:, 0], p[:, 0] >= 0.5)
+    assert (out["sensitivity"], out["specificity"]) == (by_threshold["sensitivity"], by_threshold["specificity"])
+    with pytest.raises(ValueError, match="same length"):
+        confusion([1, 0], [1])
 
 
 def test_study_level_and_eth_rule():

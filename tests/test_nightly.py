@@ -153,6 +153,15 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
     assert code == 1 and "FAILED" in err and "max 5.0%" in err
     status = query(out, "SELECT status, problems FROM runs WHERE run_id = 'strict'")
     assert status["status"].iloc[0] == "failed" and "top reasons" in status["problems"].iloc[0]
+    # The failed run's predictions stay queryable with its status, but no latest_* view shows them,
+    # and its studies stay due: a v1 night plans every study again (v2 is the last good score).
+    failed_rows = query(out, "SELECT count(*) AS n FROM studies JOIN runs USING (run_id) WHERE runs.status = 'failed'")
+    assert failed_rows["n"].iloc[0] == 4
+    assert set(_latest(out)["model_version"]) == {version2}
+    assert set(query(out, "SELECT model_version FROM latest_scored")["model_version"]) == {version2}
+    assert "strict" not in set(query(out, "SELECT DISTINCT run_id FROM latest_index")["run_id"])
+    due = nightly(archive, v1, out, now=night(6), dry_run=True, **run)
+    assert sorted(due.plan.plan["reason"]) == ["model"] * 4
 
     # Every `ichd-ray results` example of the README answers on this output.
     examples = _readme_examples()

@@ -36,12 +36,18 @@ def dataset(tmp_path_factory):
 
 
 def inputs_of(data) -> set[str]:
-    return {str(p) for p in data.rglob("*.dcm")}
+    """Every object a listing of the archive returns: slices, bad files and the side files (CSVs)."""
+    return {str(p) for p in data.rglob("*") if p.is_file()}
+
+
+def side_files(data) -> set[str]:
+    return {u for u in inputs_of(data) if not u.endswith(".dcm")}
 
 
 def expected_rejections(data) -> dict[str, str]:
     out = {row["uri"]: row["reason"] for row in csv.DictReader(open(data / "bad_files.csv"))}
     out.update({str(p): "duplicate" for p in data.rglob("zz-copy.dcm")})
+    out.update(dict.fromkeys(side_files(data), "excluded"))
     return out
 
 
@@ -60,6 +66,12 @@ def test_score_local_end_to_end(ray_session, dataset):
     assert sorted(slices["uri"].tolist() + errors["uri"].tolist()) == sorted(inputs_of(data))
     assert dict(zip(errors["uri"], errors["reason"])) == expected_rejections(data)
     assert set(errors["stage"]) <= {"index", "decode"}
+    # side files are listed, skipped by a named rule and counted; faults, selections, skips add up
+    assert {"bad_files.csv", "labels.csv", "studies.csv"} <= {u.rsplit("/", 1)[-1] for u in side_files(data)}
+    assert set(errors.loc[errors["reason"] == "excluded", "stage"]) == {"index"}
+    bad = list(csv.DictReader(open(data / "bad_files.csv")))
+    selected_out = sum(r["reason"] in ("localizer", "not_ct") for r in bad) + 1  # + the duplicate
+    assert summary.outcomes == {"fault": len(bad) + 1 - selected_out, "selection": selected_out, "skip": len(side_files(data))}
     # z order: slice_index follows the position along the normal
     for _, study in slices.groupby("study_uid"):
         study = study.sort_values("slice_index")
@@ -73,6 +85,47 @@ def test_score_local_end_to_end(ray_session, dataset):
     assert run["attempt"] == summary.attempt and run["status"] == "succeeded"
     assert run["model_version"] == slices["model_version"].iloc[0]
     assert len(run["bundle_sha256"]) == 64 and run["config_sha256"] == JOB.sha256()
+    assert (run["n_faults"], run["n_selected_out"], run["n_skipped"]) == tuple(summary.outcomes.values())
+    assert run["n_faults"] + run["n_selected_out"] + run["n_skipped"] == run["n_rejected"]
+    assert (studies["n_slices_rejected"] == 0).all()
+
+
+def test_a_slice_lost_after_indexing_shortens_its_study_and_is_counted(ray_session, dataset, tmp_path):
+    from ichd_ray.config import IndexConfig
+    from ichd_ray.manifest import build_manifest, write_manifest
+
+    root, data, bundle = dataset
+    archive = tmp_path / "archive"
+    shutil.copytree(data, archive)
+    manifest = build_manifest(str(archive), IndexConfig())
+    write_manifest(manifest, str(tmp_path / "manifest.parquet"))
+    chosen = manifest[manifest["selected"].astype(bool)].sort_values(["study_uid", "slice_index"]).iloc[1]
+    (archive / chosen["uri"][len(str(archive)) + 1 :]).unlink()  # gone between index and score
+    out = tmp_path / "out"
+    summary = score_job(None, str(bundle), str(out), job=JOB, run_id="lost", manifest_uri=str(tmp_path / "manifest.parquet"))
+    assert summary.status == "succeeded" and summary.outcomes["fault"] >= 1
+    studies = query(str(out), "SELECT study_uid, n_slices, n_slices_rejected FROM studies").set_index("study_uid")
+    selected = manifest[manifest["selected"].astype(bool)].groupby("study_uid").size()
+    assert studies.loc[chosen["study_uid"], "n_slices_rejected"] == 1
+    assert studies.loc[chosen["study_uid"], "n_slices"] == selected[chosen["study_uid"]] - 1
+    others = studies.drop(index=chosen["study_uid"])
+    assert (others["n_slices_rejected"] == 0).all() and (others["n_slices"] == selected[others.index]).all()
+    errors = query(str(out), "SELECT uri, stage, reason FROM errors WHERE stage = 'read'")
+    assert errors.values.tolist() == [[chosen["uri"], "read", "read_error"]]
+
+
+def test_the_reject_limit_counts_faults_not_selected_out_objects(ray_session, dataset):
+    root, data, bundle = dataset
+    listed = len(inputs_of(data))
+    bad = list(csv.DictReader(open(data / "bad_files.csv")))
+    faults = sum(r["reason"] not in ("localizer", "not_ct") for r in bad)
+    # between the fault fraction and the fraction of everything not scored
+    limit = (faults + 0.5) / listed
+    assert limit < (len(expected_rejections(data)) / listed)
+    summary = score_job(str(data), str(bundle), str(root / "limit"), job=JOB, run_id="limit", max_reject_fraction=limit)
+    assert summary.status == "succeeded", summary.problems
+    strict = score_job(str(data), str(bundle), str(root / "limit"), job=JOB, run_id="strict", max_reject_fraction=(faults - 0.5) / listed)
+    assert strict.status == "failed" and "faults of" in strict.problems[0]
 
 
 def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing(ray_session, dataset, tmp_path):
@@ -119,12 +172,12 @@ def test_score_on_s3(ray_session, dataset, s3_bucket):
     out = f"s3://{bucket}/results"
     summary = score_job(archive, s3_bundle, out, job=JOB, run_id="s3run", storage_config=config)
     assert summary.status == "succeeded" and summary.n_studies == 2
-    n_inputs = len([e for e in storage.list_files(archive, suffix=".dcm", config=config)])
+    n_inputs = len(storage.list_files(archive, config=config))  # slices, bad files and 3 CSVs
     assert summary.n_inputs == n_inputs == summary.n_slices_scored + summary.n_rejected
     studies = query(out, "SELECT study_uid, n_slices, p_any FROM studies", config)
     assert len(studies) == 2 and studies["n_slices"].sum() == summary.n_slices_scored
     errors = query(out, "SELECT reason FROM errors", config)
-    assert sorted(errors["reason"]) == ["empty", "truncated"]
+    assert sorted(errors["reason"]) == ["empty", "excluded", "excluded", "excluded", "truncated"]
 
 
 def test_embeddings_and_cli(ray_session, dataset, capsys):

@@ -84,6 +84,8 @@ _CONFIG_KEYS = (
     "training",
     "weights",
 )
+#: Keys a config.json may lack (bundles written before they existed); absent means None.
+_OPTIONAL_CONFIG_KEYS = ("slice_thresholds",)
 
 
 class BundleError(ValueError):
@@ -136,7 +138,11 @@ class BundleConfig:
         normalization: Per-channel mean/std the CNNs apply to ``x / 255`` (or ``{mean, std}``).
         classes: Output order; must be :data:`ichd_ray.CLASSES`.
         sequence: Sequence model hyper-parameters.
-        thresholds: Decision threshold per class in (0, 1); None means 0.5 for each.
+        thresholds: The study head's decision threshold per class in (0, 1), chosen on its out-of-fold
+            study outputs: ``flagged`` is any class at or above its threshold. None means 0.5 for each.
+        slice_thresholds: Per-class thresholds in (0, 1) chosen on the out-of-fold slice outputs, for
+            what is read per slice (slice calls, the ETH rule). None: not recorded (a bundle trained
+            before they were chosen, or an untrained one); evaluation then says it defaults to 0.5.
         weights: ``{filename: sha256}`` of the weights files; filled in by :func:`save_bundle`.
         training: Free-form JSON metadata about how the weights were made (may be empty).
         preprocessing: Further preprocessing settings (see :data:`DEFAULT_PREPROCESSING`); None means those.
@@ -157,6 +163,7 @@ class BundleConfig:
     classes: tuple[str, ...] = CLASSES
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     thresholds: Mapping[str, float] | None = None
+    slice_thresholds: Mapping[str, float] | None = None
     weights: Mapping[str, str] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)
     preprocessing: Mapping[str, Any] | None = None
@@ -213,18 +220,10 @@ class BundleConfig:
         if not isinstance(self.sequence, SequenceConfig):
             raise BundleError(f"sequence must be a SequenceConfig, got {type(self.sequence).__name__}")
 
-        thresholds = {c: 0.5 for c in CLASSES} if self.thresholds is None else dict(self.thresholds)
-        missing = [c for c in CLASSES if c not in thresholds]
-        if missing:
-            raise BundleError(f"thresholds: missing class(es) {missing}; need one per class of {list(CLASSES)}")
-        extra = sorted(set(thresholds) - set(CLASSES))
-        if extra:
-            raise BundleError(f"thresholds: unknown class(es) {extra}; allowed: {list(CLASSES)}")
-        for c in CLASSES:
-            value = thresholds[c]
-            if not _is_number(value) or not 0.0 < value < 1.0:
-                raise BundleError(f"thresholds[{c!r}] must be a number in (0, 1), got {value!r}")
-        fix("thresholds", {c: float(thresholds[c]) for c in CLASSES})
+        thresholds = {c: 0.5 for c in CLASSES} if self.thresholds is None else self.thresholds
+        fix("thresholds", _check_thresholds("thresholds", thresholds))
+        if self.slice_thresholds is not None:
+            fix("slice_thresholds", _check_thresholds("slice_thresholds", self.slice_thresholds))
 
         weights = dict(self.weights)
         allowed = set(self.expected_files)
@@ -278,6 +277,8 @@ class BundleConfig:
             "folds": self.folds,
             "sequence": self.sequence.to_dict(),
             "thresholds": dict(self.thresholds),
+            # Only when recorded, so a bundle without them keeps the config.json it always had.
+            **({} if self.slice_thresholds is None else {"slice_thresholds": dict(self.slice_thresholds)}),
             "preprocessing": dict(self.preprocessing),
             "training": dict(self.training),
             "weights": dict(self.weights),
@@ -289,7 +290,8 @@ class BundleConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BundleConfig:
-        """Parse ``config.json``'s mapping; every key is required and unknown keys are refused.
+        """Parse ``config.json``'s mapping; every key is required (but ``slice_thresholds``, which bundles
+        written before it existed lack) and unknown keys are refused.
 
         Raises:
             BundleError: A key is missing, unknown or invalid; the message names it.
@@ -302,9 +304,9 @@ class BundleConfig:
         missing = [k for k in _CONFIG_KEYS if k not in data]
         if missing:
             raise BundleError(f"config is missing key(s) {missing}")
-        unknown = sorted(set(data) - set(_CONFIG_KEYS))
+        unknown = sorted(set(data) - set(_CONFIG_KEYS) - set(_OPTIONAL_CONFIG_KEYS))
         if unknown:
-            raise BundleError(f"config has unknown key(s) {unknown}; allowed: {list(_CONFIG_KEYS)}")
+            raise BundleError(f"config has unknown key(s) {unknown}; allowed: {[*_CONFIG_KEYS, *_OPTIONAL_CONFIG_KEYS]}")
 
         items = data["windows"]
         if not isinstance(items, list):
@@ -337,6 +339,9 @@ class BundleConfig:
         for key in ("thresholds", "weights"):
             if not isinstance(data[key], Mapping):
                 raise BundleError(f"{key} must be an object, got {data[key]!r}")
+        slice_thresholds = data.get("slice_thresholds")
+        if slice_thresholds is not None and not isinstance(slice_thresholds, Mapping):
+            raise BundleError(f"slice_thresholds must be an object, got {slice_thresholds!r}")
         if not isinstance(data["classes"], list):
             raise BundleError(f"classes must be a list, got {data['classes']!r}")
         for key in ("version_id", "created_at"):
@@ -353,6 +358,7 @@ class BundleConfig:
             classes=tuple(data["classes"]),
             sequence=sequence,
             thresholds=data["thresholds"],
+            slice_thresholds=slice_thresholds,
             weights=data["weights"],
             training=data["training"],
             preprocessing=data["preprocessing"],
@@ -379,6 +385,23 @@ class BundleConfig:
     def build_sequence(self) -> SequenceModel:
         """A sequence model with this config's hyper-parameters (randomly initialised)."""
         return SequenceModel.from_config(self.embed_dim, self.sequence, len(self.classes))
+
+
+def _check_thresholds(name: str, thresholds: Mapping[str, float]) -> dict[str, float]:
+    """One threshold in (0, 1) per class of :data:`CLASSES`, as floats in class order."""
+    if not isinstance(thresholds, Mapping):
+        raise BundleError(f"{name} must be a mapping of class -> threshold, got {thresholds!r}")
+    missing = [c for c in CLASSES if c not in thresholds]
+    if missing:
+        raise BundleError(f"{name}: missing class(es) {missing}; need one per class of {list(CLASSES)}")
+    extra = sorted(set(thresholds) - set(CLASSES))
+    if extra:
+        raise BundleError(f"{name}: unknown class(es) {extra}; allowed: {list(CLASSES)}")
+    for c in CLASSES:
+        value = thresholds[c]
+        if not _is_number(value) or not 0.0 < value < 1.0:
+            raise BundleError(f"{name}[{c!r}] must be a number in (0, 1), got {value!r}")
+    return {c: float(thresholds[c]) for c in CLASSES}
 
 
 def _window_key(window: WindowSpec | Mapping[str, Any]) -> tuple[str, float, float]:

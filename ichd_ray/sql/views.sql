@@ -20,9 +20,11 @@ SELECT t.* EXCLUDE (attempt)
 FROM read_parquet('{root}/errors/*/*/*.parquet', hive_partitioning = true, union_by_name = true) AS t
 JOIN runs AS r ON t.run_id = r.run_id AND t.attempt = r.attempt;
 
--- The newest committed prediction per study (by the run's finished_at).
+-- The newest prediction per study from a run that succeeded (by the run's finished_at). A failed run's
+-- rows stay in `studies` (join runs for its status) but never become the latest answer.
 CREATE OR REPLACE VIEW latest_studies AS
 SELECT s.*, r.finished_at
 FROM studies AS s
 JOIN runs AS r ON s.run_id = r.run_id
+WHERE r.status = 'succeeded'
 QUALIFY row_number() OVER (PARTITION BY s.study_uid ORDER BY r.finished_at DESC, s.run_id DESC) = 1;
