@@ -86,9 +86,10 @@ def default_run_id(now: dt.datetime | None = None) -> str:
 
 
 def decode_studies(
-    batch: pa.Table, *, size: int, windows: list[dict], storage_config: dict | None
+    batch: pa.Table, *, size: int, windows: list[dict], rsna_fix: bool, storage_config: dict | None
 ) -> pa.Table:
-    """Read + decode + window every slice of each study to uint8 [T, 3, size, size].
+    """Read + decode + window every slice of each study to uint8 [T, 3, size, size], preprocessed as
+    the bundle says (``rsna_fix``; the area resize is the only resize there is).
 
     A slice that cannot be read or decoded is left out of its study and reported in ``failures``
     (JSON list of {uri, stage, reason, message}); the rest of the study goes on.
@@ -111,7 +112,7 @@ def decode_studies(
         for i, uri in enumerate(row["uris"]):
             try:
                 data = storage.read_bytes(uri, config)
-                preprocess_slice(data, size, windows=specs, name=uri, out=pixels[filled])
+                preprocess_slice(data, size, windows=specs, name=uri, rsna_fix=rsna_fix, out=pixels[filled])
                 filled += 1
                 keep.append(i)
             except DicomError as exc:
@@ -378,11 +379,11 @@ def score_job(
     bundle_config, bundle_sha256 = load_bundle_config(bundle_uri, storage_config=sc)
     size = int(bundle_config.input_size)
     windows = [w.to_dict() for w in bundle_config.windows]
+    rsna_fix = bool(bundle_config.preprocessing["rsna_fix"])  # validated when the bundle was read
     model_version = bundle_config.version_id
     thresholds = [float((bundle_config.thresholds or {}).get(c, 0.5)) for c in CLASSES]
 
-    if not job.ray.autoscaling:
-        _check_cluster_fits(job.score)  # before any work: a pool that cannot fit would hang
+    _check_cluster_fits(job, DECODE_BASE_MEMORY)  # before any work: a pool that cannot fit would hang
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     # The actor pool is fixed and holds its CPUs from the start; the reservation only held the decode
@@ -409,18 +410,20 @@ def score_job(
     n_slices = n_studies = 0
     if studies:
         cfg = job.score
+        decode_memory = DECODE_BASE_MEMORY + 2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size
+        _check_cluster_fits(job, decode_memory)  # now that the longest study is known
         n_blocks = max(1, math.ceil(len(studies) / cfg.studies_per_task))
         ds = ray.data.from_items(studies, override_num_blocks=n_blocks)
         ds = ds.map_batches(
             decode_studies,
             batch_size=cfg.studies_per_task,
             batch_format="pyarrow",
-            fn_kwargs={"size": size, "windows": windows, "storage_config": sc_dict},
+            fn_kwargs={"size": size, "windows": windows, "rsna_fix": rsna_fix, "storage_config": sc_dict},
             num_cpus=cfg.cpus_per_decode_task,
             # Its real peak (the batch's pixel buffer and the block Ray copies from it). Asking for it
             # also keeps Ray Data from fusing decode into the model actor when both ask for the same
             # CPUs: fused, decode ran inside the actor and the model waited for it (BENCHMARKS.md).
-            memory=DECODE_BASE_MEMORY + 2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size,
+            memory=decode_memory,
         )
         ds = ds.map_batches(
             StudyScoringActor,
@@ -536,24 +539,48 @@ def run_problems(n_inputs: int, n_slices: int, errors: list[dict], max_reject_fr
     return problems
 
 
-def _check_cluster_fits(cfg) -> None:
-    """Fail fast instead of hanging: the actor pool plus one decode task must fit the cluster as it is
-    (skipped with ``ray.autoscaling: true``, where the autoscaler adds the nodes)."""
+def _check_cluster_fits(job: JobConfig, decode_memory: int) -> None:
+    """Fail fast instead of hanging: place the actor pool on the alive nodes as they are (each actor's
+    CPUs and GPUs on one node), then one decode task (its CPUs and ``decode_memory`` bytes) on what is
+    left of some node. Skipped with ``ray.autoscaling: true``, where the autoscaler adds the nodes."""
     import ray
 
     from ichd_ray.config import ConfigError
 
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    need_cpus = cfg.num_actors * cfg.cpus_per_actor + cfg.cpus_per_decode_task
-    if need_cpus > cpus:
+    if job.ray.autoscaling:
+        return
+    cfg = job.score
+    free = [
+        {k: float(node["Resources"].get(k, 0.0)) for k in ("CPU", "GPU", "memory")}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    shape = (
+        f"{len(free)} node(s) with CPU/GPU/memory GiB "
+        + ", ".join(f"{n['CPU']:g}/{n['GPU']:g}/{n['memory'] / 2**30:.1f}" for n in free)
+    )
+    for i in range(cfg.num_actors):
+        # first fit on the node with the most CPUs left: the decode task needs a node too
+        fits = [n for n in free if n["CPU"] >= cfg.cpus_per_actor and n["GPU"] >= cfg.num_gpus_per_actor]
+        if not fits:
+            what = "GPUs" if any(n["CPU"] >= cfg.cpus_per_actor for n in free) and cfg.num_gpus_per_actor else "CPUs"
+            raise ConfigError(
+                f"score.num_actors = {cfg.num_actors}: actor {i + 1} needs score.cpus_per_actor = {cfg.cpus_per_actor:g} CPUs "
+                f"and score.num_gpus_per_actor = {cfg.num_gpus_per_actor:g} GPUs on one node, and no node has those "
+                f"{what} left ({shape}): lower them (fractions are fine), or add nodes; otherwise the job would wait forever"
+            )
+        node = max(fits, key=lambda n: (n["CPU"], n["GPU"]))
+        node["CPU"] -= cfg.cpus_per_actor
+        node["GPU"] -= cfg.num_gpus_per_actor
+    if not any(n["CPU"] >= cfg.cpus_per_decode_task for n in free):
         raise ConfigError(
-            f"score.num_actors x score.cpus_per_actor + score.cpus_per_decode_task = {need_cpus:g} CPUs, "
-            f"but the Ray cluster has {cpus:g}: lower them (fractions are fine) or add CPUs; "
+            f"after the actor pool (score.num_actors x score.cpus_per_actor), no node has score.cpus_per_decode_task = "
+            f"{cfg.cpus_per_decode_task:g} CPUs left ({shape}): lower them (fractions are fine) or add CPUs; "
             "otherwise the decode tasks would wait forever"
         )
-    if cfg.num_actors * cfg.num_gpus_per_actor > gpus:
+    if not any(n["CPU"] >= cfg.cpus_per_decode_task and n["memory"] >= decode_memory for n in free):
         raise ConfigError(
-            f"score.num_actors x score.num_gpus_per_actor = {cfg.num_actors * cfg.num_gpus_per_actor:g} GPUs, "
-            f"but the Ray cluster has {gpus:g}"
+            f"a decode task needs {decode_memory / 2**30:.2f} GiB of memory (score.studies_per_task x the longest study's "
+            f"slices x windows x input size^2, twice, plus a base) on a node with CPUs to spare, and no node has it "
+            f"({shape}): lower score.studies_per_task or add memory"
         )

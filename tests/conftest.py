@@ -64,7 +64,8 @@ def s3_bucket(s3_server: S3Server) -> Iterator[tuple[str, StorageConfig]]:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test run (2 CPUs). Workers get test credentials for the moto
-    endpoint through the runtime env: task arguments never carry credentials."""
+    endpoint through the runtime env: task arguments never carry credentials. The patient salt is in
+    this process's environment (set above), which local Ray's workers inherit, as a pod's would."""
     import ray
 
     if not ray.is_initialized():
@@ -78,7 +79,6 @@ def ray_session():
                     "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1",
-                    "ICHD_PATIENT_SALT": os.environ["ICHD_PATIENT_SALT"],
                 }
             },
         )

@@ -27,7 +27,7 @@ from ichd_ray.models import (
     load_bundle_config,
     save_bundle,
 )
-from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization, WindowSpec
+from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -192,25 +192,22 @@ def test_load_detects_tampering_and_missing_files(tmp_path):
         load_bundle(str(tmp_path / "bad"))
 
 
-def test_check_preprocessing(tmp_path):
-    uri = str(tmp_path / "b")
+def test_preprocessing_this_code_cannot_do_is_refused():
+    """Scoring applies the bundle's preprocessing exactly (test_score), so anything else is refused."""
     config = _config(folds=1)
-    save_bundle(uri, config, *_models(config))
-    bundle = load_bundle(uri)
-
-    bundle.check_preprocessing(DEFAULT_WINDOWS, SIZE, DEFAULT_NORMALIZATION)
-    bundle.check_preprocessing([w.to_dict() for w in DEFAULT_WINDOWS], SIZE, DEFAULT_NORMALIZATION.to_dict(), {"rsna_fix": True})
-
-    soft = (DEFAULT_WINDOWS[0], DEFAULT_WINDOWS[1], WindowSpec("soft", 40.0, 380.0))
-    with pytest.raises(BundleError, match=r"windows: job .*'soft'.* vs bundle .*'bone'") as info:
-        bundle.check_preprocessing(soft, SIZE, DEFAULT_NORMALIZATION)
-    assert "input_size" not in str(info.value) and config.version_id in str(info.value)
-    with pytest.raises(BundleError, match="input_size: job 256 vs bundle 32"):
-        bundle.check_preprocessing(DEFAULT_WINDOWS, 256, DEFAULT_NORMALIZATION)
-    with pytest.raises(BundleError, match="normalization: job"):
-        bundle.check_preprocessing(DEFAULT_WINDOWS, SIZE, Normalization((0.5,) * 3, (0.5,) * 3))
-    with pytest.raises(BundleError, match="preprocessing.rsna_fix: job False vs bundle True"):
-        bundle.check_preprocessing(DEFAULT_WINDOWS, SIZE, DEFAULT_NORMALIZATION, {"rsna_fix": False})
+    assert config.preprocessing["rsna_fix"] is True and config.preprocessing["resize"] == "area"
+    assert dataclasses.replace(config, preprocessing={**config.preprocessing, "rsna_fix": False}).preprocessing["rsna_fix"] is False
+    for change, message in (
+        ({"resize": "bilinear"}, r"preprocessing.resize: 'bilinear' is not supported; this code does \['area'\]"),
+        ({"rsna_fix": 1}, "preprocessing.rsna_fix: 1 is not supported"),
+        ({"pixel_dtype": "float16"}, "preprocessing.pixel_dtype"),
+        ({"crop": "head"}, "preprocessing.crop: unknown setting"),
+    ):
+        with pytest.raises(BundleError, match=message):
+            dataclasses.replace(config, preprocessing={**config.preprocessing, **change})
+    partial = {k: v for k, v in config.preprocessing.items() if k != "rsna_fix"}
+    with pytest.raises(BundleError, match=r"preprocessing is missing \['rsna_fix'\]"):
+        dataclasses.replace(config, preprocessing=partial)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 import csv
 import dataclasses
+import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -73,18 +75,23 @@ def test_score_local_end_to_end(ray_session, dataset):
     selected_out = sum(r["reason"] in ("localizer", "not_ct") for r in bad) + 1  # + the duplicate
     assert summary.outcomes == {"fault": len(bad) + 1 - selected_out, "selection": selected_out, "skip": len(side_files(data))}
     # z order: slice_index follows the position along the normal
+    # (every rejection here happens at the index stage, so each study keeps all its chosen slices)
     for _, study in slices.groupby("study_uid"):
         study = study.sort_values("slice_index")
-        assert study["position_z"].is_monotonic_increasing
-        assert study["slice_index"].tolist() == list(range(len(study))) or "truncated" in set(errors["reason"])
+        assert study["position_z"].is_monotonic_increasing and study["position_z"].is_unique
+        assert study["slice_index"].tolist() == list(range(len(study)))
     probs = slices[[f"p_{c}" for c in CLASSES]].to_numpy()
     assert ((probs > 0) & (probs < 1)).all()
     assert studies["n_slices"].sum() == len(slices)
-    assert set(studies["flagged"]) <= {True, False}
+    # flagged is the study head at the bundle's thresholds (0.5 each for an untrained bundle)
+    assert studies["flagged"].tolist() == (studies[[f"p_{c}" for c in CLASSES]] >= 0.5).any(axis=1).tolist()
     run = read_run(str(out), "r1")
     assert run["attempt"] == summary.attempt and run["status"] == "succeeded"
     assert run["model_version"] == slices["model_version"].iloc[0]
-    assert len(run["bundle_sha256"]) == 64 and run["config_sha256"] == JOB.sha256()
+    assert run["bundle_sha256"] == hashlib.sha256((bundle / "config.json").read_bytes()).hexdigest()
+    # the stored config is the job's, and its hash is the hash of that stored text
+    assert json.loads(run["config_json"]) == JOB.to_dict()
+    assert run["config_sha256"] == hashlib.sha256(run["config_json"].encode()).hexdigest()
     assert (run["n_faults"], run["n_selected_out"], run["n_skipped"]) == tuple(summary.outcomes.values())
     assert run["n_faults"] + run["n_selected_out"] + run["n_skipped"] == run["n_rejected"]
     assert (studies["n_slices_rejected"] == 0).all()
@@ -219,12 +226,82 @@ def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, datas
     with pytest.raises(ConfigError, match="cpus_per_actor"):
         score_job(str(data), str(bundle), str(root / "never"), job=job)
     assert not (root / "never").exists()
+
+
+GIB = 1024**3
+
+
+def _nodes(*specs):
+    """ray.nodes() rows for alive nodes with (CPU, GPU, memory GiB)."""
+    return [
+        {"Alive": True, "NodeID": f"n{i}", "Resources": {"CPU": c, "GPU": g, "memory": m * GIB}}
+        for i, (c, g, m) in enumerate(specs)
+    ] + [{"Alive": False, "NodeID": "dead", "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 512.0 * GIB}}]
+
+
+def _fit(monkeypatch, nodes, job, decode_memory=1 * GIB):
+    import ray
+
     from ichd_ray.score import _check_cluster_fits
 
-    # on an autoscaling cluster the check is skipped (nodes come on demand); the flag is validated
-    assert dataclasses.replace(job, ray=dataclasses.replace(job.ray, autoscaling=True)).validate().ray.autoscaling
-    with pytest.raises(ConfigError, match="GPUs"):
-        _check_cluster_fits(dataclasses.replace(JOB.score, num_gpus_per_actor=1.0))
+    totals = {k: sum(n["Resources"].get(k, 0.0) for n in nodes if n["Alive"]) for k in ("CPU", "GPU", "memory")}
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: totals)
+    _check_cluster_fits(job, decode_memory)
+
+
+def test_the_pool_check_places_actors_and_a_decode_task_on_real_nodes(monkeypatch):
+    from ichd_ray.config import ConfigError
+
+    def job(**score):
+        return dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, **score))
+
+    # fits: an actor on one node, a decode task on the other
+    _fit(monkeypatch, _nodes((1, 0, 4), (1, 0, 4)), job(cpus_per_actor=0.5, cpus_per_decode_task=1.0))
+    # 1.5 CPUs for one actor: the cluster has 2, but no node holds 1.5
+    with pytest.raises(ConfigError, match="no node"):
+        _fit(monkeypatch, _nodes((1, 0, 4), (1, 0, 4)), job(cpus_per_actor=1.5, cpus_per_decode_task=0.25))
+    # an actor needs 1 CPU and 1 GPU: the cluster has 4.5 CPUs and a GPU, but the GPU node has 0.5 CPU
+    with pytest.raises(ConfigError, match="no node has those GPUs"):
+        _fit(monkeypatch, _nodes((0.5, 1, 16), (4, 0, 16)), job(cpus_per_actor=1.0, num_gpus_per_actor=1.0, cpus_per_decode_task=0.5))
+    _fit(monkeypatch, _nodes((4, 1, 16), (4, 1, 16)), job(num_actors=2, num_gpus_per_actor=1.0))
+    # the decode task's memory request must fit one node's memory (the dead node's never counts)
+    with pytest.raises(ConfigError, match="memory"):
+        _fit(monkeypatch, _nodes((2, 0, 4), (2, 0, 4)), job(), decode_memory=6 * GIB)
+    # on an autoscaling cluster the same impossible pool is left to the autoscaler
+    autoscaling = dataclasses.replace(job(cpus_per_actor=1.5), ray=dataclasses.replace(JOB.ray, autoscaling=True))
+    _fit(monkeypatch, _nodes((1, 0, 4)), autoscaling, decode_memory=6 * GIB)
+
+
+def test_scoring_preprocesses_as_the_bundle_says(ray_session, tmp_path):
+    """rsna_fix off in the bundle: RSNA-wrapped 12-bit slices are windowed without the fix."""
+    import json
+
+    from ichd_ray.models.bundle import BundleError
+
+    data = tmp_path / "archive"
+    generate(str(data), SynthConfig(studies=3, slices=4, size=32, seed=5, compressed_fraction=0.0), workers=1)
+    on, off = tmp_path / "fix-on", tmp_path / "fix-off"
+    init_bundle(str(on), "test_resnet", folds=1, input_size=32, seed=0)
+    init_bundle(str(off), "test_resnet", folds=1, input_size=32, seed=0, preprocessing={"rsna_fix": False})
+    assert json.loads((off / "config.json").read_text())["preprocessing"]["rsna_fix"] is False
+    score_job(str(data), str(on), str(tmp_path / "out-on"), job=JOB, run_id="on")
+    score_job(str(data), str(off), str(tmp_path / "out-off"), job=JOB, run_id="off")
+    sql = "SELECT study_uid, sop_uid, p_any FROM slices ORDER BY sop_uid"
+    a, b = query(str(tmp_path / "out-on"), sql), query(str(tmp_path / "out-off"), sql)
+    encodings = pd.read_csv(data / "studies.csv").set_index("study_uid")["encoding"]
+    assert sorted(encodings) == ["uint12", "uint12", "uint12_wrapped"]  # seed 5
+    differs = a.loc[~np.isclose(a["p_any"], b["p_any"], rtol=0, atol=1e-7), "study_uid"]
+    # exactly the wrapped study's slices change, every one of them
+    assert set(differs) == set(encodings.index[encodings == "uint12_wrapped"])
+    assert len(differs) == (a["study_uid"] == differs.iloc[0]).sum()
+    # a preprocessing this code cannot do is refused when the bundle is read, before any work
+    bad = json.loads((on / "config.json").read_text())
+    bad["preprocessing"]["resize"] = "bilinear"
+    (on / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(BundleError, match="preprocessing.resize"):
+        score_job(str(data), str(on), str(tmp_path / "never"), job=JOB)
+    assert not (tmp_path / "never").exists()
 
 
 def test_decode_is_never_fused_into_the_model_actor(ray_session, dataset, monkeypatch):

@@ -65,6 +65,15 @@ DEFAULT_PREPROCESSING: dict[str, Any] = {
     "slice_order": "position_along_normal",
 }
 
+#: What this code can do for each preprocessing key: scoring applies the bundle's values exactly, so a
+#: bundle asking for anything else is refused when it is read, never approximated.
+SUPPORTED_PREPROCESSING: dict[str, tuple[Any, ...]] = {
+    "resize": ("area",),
+    "rsna_fix": (True, False),
+    "pixel_dtype": ("uint8",),
+    "slice_order": ("position_along_normal",),
+}
+
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CONFIG_KEYS = (
@@ -244,6 +253,16 @@ class BundleConfig:
                 fix(name, json.loads(json.dumps(dict(value), allow_nan=False)))
             except (TypeError, ValueError) as exc:
                 raise BundleError(f"{name} must be JSON-serialisable: {exc}") from None
+        for key, value in self.preprocessing.items():
+            allowed = SUPPORTED_PREPROCESSING.get(key)
+            if allowed is None:
+                raise BundleError(f"preprocessing.{key}: unknown setting; known: {sorted(SUPPORTED_PREPROCESSING)}")
+            # `is` for booleans: 1 == True would let a number through
+            if not any(value is a if isinstance(a, bool) else value == a for a in allowed):
+                raise BundleError(f"preprocessing.{key}: {value!r} is not supported; this code does {list(allowed)}")
+        missing = sorted(set(SUPPORTED_PREPROCESSING) - set(self.preprocessing))
+        if missing:  # what the weights were trained with is not known: refuse rather than guess
+            raise BundleError(f"preprocessing is missing {missing}; a bundle records every one of {sorted(SUPPORTED_PREPROCESSING)}")
 
         if not self.version_id:
             fix("version_id", new_version_id(self.backbone))
@@ -410,11 +429,6 @@ def _window_key(window: WindowSpec | Mapping[str, Any]) -> tuple[str, float, flo
     return (str(window["name"]), float(window["level"]), float(window["width"]))
 
 
-def _norm_key(norm: Normalization | Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = (norm.mean, norm.std) if isinstance(norm, Normalization) else (norm["mean"], norm["std"])
-    return tuple(map(float, mean)), tuple(map(float, std))
-
-
 @dataclass
 class LoadedBundle:
     """A verified bundle with its models built, in eval mode.
@@ -435,45 +449,6 @@ class LoadedBundle:
     def device(self) -> torch.device:
         """Device of the models' parameters."""
         return next(self.models[0][0].parameters()).device
-
-    def check_preprocessing(
-        self,
-        windows: Sequence[WindowSpec | Mapping[str, Any]],
-        input_size: int,
-        normalization: Normalization | Mapping[str, Any],
-        preprocessing: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Refuse a scoring job whose preprocessing differs from what the weights were trained on.
-
-        Args:
-            windows: The job's windows (``WindowSpec`` or ``{name, level, width}``), channel order.
-            input_size: The job's network input side.
-            normalization: The job's normalisation (``Normalization`` or ``{mean, std}``).
-            preprocessing: Optional further settings to compare with the bundle's ``preprocessing``
-                block (only the keys given are compared).
-
-        Raises:
-            BundleError: Names every differing field with the job's and the bundle's values.
-        """
-        cfg = self.config
-        diffs = []
-        job_windows = [_window_key(w) for w in windows]
-        own_windows = [_window_key(w) for w in cfg.windows]
-        if job_windows != own_windows:
-            diffs.append(f"windows: job {job_windows} vs bundle {own_windows}")
-        if input_size != cfg.input_size:
-            diffs.append(f"input_size: job {input_size!r} vs bundle {cfg.input_size}")
-        if _norm_key(normalization) != _norm_key(cfg.normalization):
-            diffs.append(f"normalization: job {_norm_key(normalization)} vs bundle {_norm_key(cfg.normalization)}")
-        for key, value in (preprocessing or {}).items():
-            if key not in cfg.preprocessing:
-                diffs.append(f"preprocessing.{key}: job {value!r} but the bundle does not record it")
-            elif cfg.preprocessing[key] != value:
-                diffs.append(f"preprocessing.{key}: job {value!r} vs bundle {cfg.preprocessing[key]!r}")
-        if diffs:
-            raise BundleError(
-                f"preprocessing mismatch with bundle {cfg.version_id} ({self.uri}): " + "; ".join(diffs)
-            )
 
 
 def _weights_bytes(module: nn.Module, metadata: Mapping[str, str]) -> bytes:
@@ -666,6 +641,7 @@ def init_bundle(
     training: Mapping[str, Any] | None = None,
     storage_config: StorageConfig | None = None,
     overwrite: bool = False,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> BundleConfig:
     """Write an untrained bundle, so scoring runs end to end before any training exists.
 
@@ -688,6 +664,7 @@ def init_bundle(
         training: Extra metadata merged into the ``training`` block.
         storage_config: S3 settings; None means :meth:`StorageConfig.from_env`.
         overwrite: Replace an existing bundle at ``uri``.
+        preprocessing: Settings over :data:`DEFAULT_PREPROCESSING` (e.g. ``{"rsna_fix": False}``).
 
     Returns:
         BundleConfig: The config as written.
@@ -735,5 +712,6 @@ def init_bundle(
         sequence=seq_config,
         thresholds=thresholds,
         training=meta,
+        preprocessing={**DEFAULT_PREPROCESSING, **(preprocessing or {})},
     )
     return save_bundle(uri, config, cnns, seqs, storage_config, overwrite=overwrite)
