@@ -127,6 +127,8 @@ def _header_row(entry: dict[str, Any], header_bytes: int, storage_config) -> dic
     except DicomError as exc:
         row.update(reason=exc.reason, message=exc.message)
         return row
+    except storage.StorageUnavailable:
+        raise  # the store, not this object: the run stops uncommitted
     except OSError as exc:
         row.update(reason="read_error", message=f"{type(exc).__name__}: {exc}")
         return row
@@ -172,8 +174,10 @@ def excluded_rows(entries: Iterable[dict[str, Any]], exclude_suffixes) -> pd.Dat
     return pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names)
 
 
-def _read_header_chunk(chunk: list[dict[str, Any]], header_bytes: int, storage_config: dict | None) -> pd.DataFrame:
-    return read_headers(chunk, header_bytes, storage.StorageConfig.on_worker(storage_config))
+def _read_header_chunk(chunk: list[dict[str, Any]], header_bytes: int, storage_config: dict | None) -> tuple[pd.DataFrame, int]:
+    before = storage.retry_count()
+    rows = read_headers(chunk, header_bytes, storage.StorageConfig.on_worker(storage_config))
+    return rows, storage.retry_count() - before
 
 
 def read_headers_on_ray(
@@ -191,10 +195,20 @@ def read_headers_on_ray(
         task = ray.remote(num_cpus=0.5, max_retries=3)(_read_header_chunk)
         cfg_dict = storage_config.for_workers() if storage_config else None
         chunks = [todo[i : i + config.files_per_task] for i in range(0, len(todo), config.files_per_task)]
-        frames += ray.get([task.remote(chunk, config.header_bytes, cfg_dict) for chunk in chunks])
-    if not frames:
-        return pd.DataFrame(columns=MANIFEST_SCHEMA.names)
-    return pd.concat(frames, ignore_index=True)
+        try:
+            results = ray.get([task.remote(chunk, config.header_bytes, cfg_dict) for chunk in chunks])
+        except ray.exceptions.RayTaskError as exc:
+            cause = storage.unavailable_cause(exc)
+            if cause is None:
+                raise
+            raise storage.StorageUnavailable(cause.uri, cause.detail) from None
+        frames += [rows for rows, _ in results]
+        retries = sum(n for _, n in results)
+    else:
+        retries = 0
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_SCHEMA.names)
+    out.attrs["storage_retries"] = retries  # S3 retries the tasks spent, for the run's count
+    return out
 
 
 def select_series(headers: pd.DataFrame, preferred_thickness_mm: float = 5.0) -> pd.DataFrame:
@@ -247,7 +261,10 @@ def build_manifest(
     """List, read headers on Ray (``files_per_task`` objects per task) and select series."""
     entries = list_inputs(input_uri, config, storage_config)
     items = [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries]
-    return select_series(read_headers_on_ray(items, config, storage_config), config.preferred_thickness_mm)
+    headers = read_headers_on_ray(items, config, storage_config)
+    manifest = select_series(headers, config.preferred_thickness_mm)
+    manifest.attrs["storage_retries"] = headers.attrs["storage_retries"]
+    return manifest
 
 
 def to_arrow(manifest: pd.DataFrame) -> pa.Table:

@@ -192,6 +192,7 @@ class NightlyPlan:
     previous_run: dict[str, Any] | None = None
     estimated_seconds: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    storage_retries: int = 0  # S3 retries the index stage spent
 
 
 def _read_parquet(uri: str, storage_config) -> pd.DataFrame:
@@ -263,7 +264,10 @@ def make_plan(
     index = pd.concat([live, deleted.drop(columns=["run_id"], errors="ignore")], ignore_index=True)
     index["run_id"] = run_id
     plan = plan_studies(index, scored, model_version, full=full)
-    return NightlyPlan(run_id, model_version, index, plan, [e["uri"] for e in to_read], len(deleted), False, previous_run)
+    return NightlyPlan(
+        run_id, model_version, index, plan, [e["uri"] for e in to_read], len(deleted), False, previous_run,
+        storage_retries=fresh.attrs["storage_retries"],
+    )
 
 
 def _estimate_seconds(plan: NightlyPlan) -> float | None:
@@ -310,16 +314,18 @@ def nightly(
     full: bool = False,
     dry_run: bool = False,
     max_reject_fraction: float = 0.05,
-    lease_ttl: dt.timedelta = dt.timedelta(hours=2),
+    lease_ttl: dt.timedelta | None = None,
     storage_config: storage.StorageConfig | None = None,
     now: dt.datetime | None = None,
     progress: bool = False,
     fault_marker: str | None = None,
 ) -> NightlyResult:
     """One night (Ray must be initialised). Raises :class:`ichd_ray.lease.LeaseHeld` when another run
-    holds OUT's lease; a dry run takes no lease and writes nothing."""
+    holds OUT's lease; a dry run takes no lease and writes nothing. The lease is a heartbeat: ``lease_ttl``
+    (None: :data:`ichd_ray.lease.DEFAULT_TTL`, 5 min) renewed every third of it, so a killed run's lease
+    lapses within ``lease_ttl``, or at once for a re-run on the same host."""
     from ichd_ray.config import JobConfig
-    from ichd_ray.lease import LeaseKeeper
+    from ichd_ray.lease import DEFAULT_TTL, LeaseKeeper
     from ichd_ray.manifest import MANIFEST_SCHEMA, write_manifest
     from ichd_ray.score import score_job
 
@@ -331,7 +337,7 @@ def nightly(
         plan.estimated_seconds = _estimate_seconds(plan)
         return NightlyResult(plan, None, time.perf_counter() - started)
 
-    with LeaseKeeper(storage.join(out_uri, LEASE_NAME), ttl=lease_ttl, storage_config=sc) as keeper:
+    with LeaseKeeper(storage.join(out_uri, LEASE_NAME), ttl=lease_ttl or DEFAULT_TTL, storage_config=sc) as keeper:
         plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now)
         plan_prefix = storage.join(out_uri, "plans", f"run_id={plan.run_id}")
         if not plan.reused:  # written before any scoring: a re-run of this id repeats exactly this plan
@@ -360,6 +366,7 @@ def nightly(
                 "scored": pa.Table.from_pandas(scored[scored["study_uid"].isin(done)], schema=SCORED_SCHEMA, preserve_index=False),
             },
             max_reject_fraction=max_reject_fraction,
+            storage_retries=plan.storage_retries,
             kind="nightly",
             before_commit=keeper.check,
         )

@@ -108,6 +108,7 @@ RUNS_SCHEMA = pa.schema(
         ("n_selected_out", pa.int64()),
         ("n_skipped", pa.int64()),
         ("n_studies", pa.int64()),
+        ("n_storage_retries", pa.int64()),  # S3 requests retried (bounded: ichd_ray.storage.S3_MAX_ATTEMPTS)
         ("slices_per_s", pa.float64()),
         ("kind", pa.string()),  # score | nightly
         ("problems", pa.string()),  # JSON list: why the run is failed ([] when it succeeded)

@@ -16,6 +16,7 @@ recorded and the job goes on. See :mod:`ichd_ray.outputs` for the commit protoco
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-from ray.data.datasource import FilenameProvider
+import pyarrow.compute as pc
 
 from ichd_ray import CLASSES, __version__, storage
 from ichd_ray.config import JobConfig
@@ -57,7 +58,8 @@ _STUDY_FIELDS = [
     ("slice_indices", pa.list_(pa.int32())),
 ]
 DECODED_SCHEMA = pa.schema(
-    _STUDY_FIELDS + [("n_images", pa.int32()), ("images", pa.large_binary()), ("failures", pa.string())]
+    _STUDY_FIELDS
+    + [("n_images", pa.int32()), ("images", pa.large_binary()), ("failures", pa.string()), ("storage_retries", pa.int64())]
 )
 SCORED_SCHEMA = pa.schema(
     _STUDY_FIELDS
@@ -68,6 +70,7 @@ SCORED_SCHEMA = pa.schema(
         ("embed_dim", pa.int32()),
         ("cnn_logits", pa.list_(pa.float32())),  # n x 6, row-major; with the embeddings
         ("failures", pa.string()),
+        ("storage_retries", pa.int64()),  # S3 retries the decode task spent (on the study's first row)
     ]
 )
 
@@ -106,6 +109,7 @@ def decode_studies(
     pixels = np.empty((sum(len(r["uris"]) for r in rows), len(specs), size, size), dtype=np.uint8)
     offsets = [0]
     filled = 0
+    retries_before = storage.retry_count()
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names if name != "images"}
     for row in rows:
         keep, failures = [], []
@@ -117,6 +121,8 @@ def decode_studies(
                 keep.append(i)
             except DicomError as exc:
                 failures.append({"uri": uri, "stage": "decode", "reason": exc.reason, "message": exc.message})
+            except storage.StorageUnavailable:
+                raise  # the store, not this object: stop the run uncommitted rather than reject good slices
             except OSError as exc:
                 failures.append({"uri": uri, "stage": "read", "reason": "read_error", "message": f"{type(exc).__name__}: {exc}"})
             except Exception as exc:  # a decoder bug must not take the study down
@@ -128,6 +134,9 @@ def decode_studies(
             out[key].append([row[key][i] for i in keep])
         out["n_images"].append(len(keep))
         out["failures"].append(json.dumps(failures))
+        out["storage_retries"].append(0)
+    if rows:
+        out["storage_retries"][0] = storage.retry_count() - retries_before
     images = pa.LargeBinaryArray.from_buffers(
         pa.large_binary(),
         len(rows),
@@ -175,7 +184,9 @@ class StudyScoringActor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         config = storage.StorageConfig.on_worker(storage_config)
+        before = storage.retry_count()
         self.bundle = load_bundle(bundle_uri, storage_config=config, device=device)
+        self.pending_retries = storage.retry_count() - before  # reported with the next batch
         self.scorer = StudyScorer(self.bundle, device=device, cnn_chunk=cnn_chunk)
         self.size, self.channels = input_size, channels
         self.write_embeddings = write_embeddings
@@ -235,6 +246,10 @@ class StudyScoringActor:
             out["embed_dim"].append(dim)
             out["cnn_logits"].append(cnn_logits)
             out["failures"].append(json.dumps(failures))
+            out["storage_retries"].append(r["storage_retries"])
+        if rows:
+            out["storage_retries"][0] += self.pending_retries
+            self.pending_retries = 0
         return pa.Table.from_pydict(out, schema=SCORED_SCHEMA)
 
 
@@ -295,11 +310,27 @@ def embeddings_rows(batch: pa.Table, *, run_id: str, model_version: str) -> pa.T
     return pa.Table.from_pydict(out, schema=EMBEDDINGS_SCHEMA)
 
 
-class PartNames(FilenameProvider):
-    """Ray write file names: ``part-<write uuid>-<task>-<block>.parquet``."""
-
-    def get_filename_for_block(self, block, write_uuid, task_index, block_index):
-        return f"part-{write_uuid[:8]}-{task_index:05d}-{block_index:04d}.parquet"
+def write_part(
+    batch: pa.Table,
+    *,
+    build: Callable[..., pa.Table],
+    build_kwargs: dict[str, Any],
+    out_uri: str,
+    table: str,
+    run_id: str,
+    attempt: str,
+    storage_config: dict | None,
+) -> pa.Table:
+    """Build one table's rows for a block of scored studies and write them as one part file, through
+    :mod:`ichd_ray.storage` (so its bounded S3 retries are counted). The part is named by the studies it
+    holds: a task Ray retries after its write rewrites the same object, never a second copy."""
+    rows = build(batch, **build_kwargs)
+    before = storage.retry_count()
+    if rows.num_rows:
+        studies = "\n".join(sorted(set(batch.column("study_uid").to_pylist())))
+        part = "part-" + hashlib.sha256(studies.encode()).hexdigest()[:16]
+        write_table(rows, out_uri, table, run_id, attempt, part=part, storage_config=storage.StorageConfig.on_worker(storage_config))
+    return pa.table({"rows": pa.array([rows.num_rows], pa.int64()), "storage_retries": pa.array([storage.retry_count() - before], pa.int64())})
 
 
 # --------------------------------------------------------------------------------------- the job
@@ -317,6 +348,7 @@ class RunSummary:
     seconds: float
     slices_per_s: float
     reasons: dict[str, int] = field(default_factory=dict)
+    storage_retries: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)  # fault / selection / skip counts
     out_uri: str = ""
     run_uri: str = ""
@@ -338,6 +370,7 @@ def score_job(
     max_reject_fraction: float | None = None,
     kind: str = "score",
     before_commit: Callable[[], None] | None = None,
+    storage_retries: int = 0,
 ) -> RunSummary:
     """Score every study under ``input_uri`` (or in ``manifest_uri``) with the bundle; commit a run.
 
@@ -360,6 +393,11 @@ def score_job(
         max_reject_fraction: the run is ``failed`` when more than this fraction of its inputs is rejected.
         kind: recorded in the runs row (``score``, ``nightly``).
         before_commit: called just before the commit; raising stops the run uncommitted (a lost lease).
+        storage_retries: S3 retries already spent for this run before the call (nightly's index).
+
+    Raises:
+        ichd_ray.storage.StorageUnavailable: S3 kept failing past its bounded retries; nothing is
+            committed (the attempt's partial files stay invisible and the next run removes them).
     """
     import ray
     import ray.data
@@ -376,6 +414,7 @@ def score_job(
     run_id = run_id or default_run_id(started)
     attempt = new_attempt_id(started)
 
+    retries_before = storage.retry_count()  # this process's; workers report theirs
     bundle_config, bundle_sha256 = load_bundle_config(bundle_uri, storage_config=sc)
     size = int(bundle_config.input_size)
     windows = [w.to_dict() for w in bundle_config.windows]
@@ -390,6 +429,9 @@ def score_job(
     # tasks to ~1 at a time on small clusters (bench/score.py: 36% -> 66% of the ideal when off).
     ctx.op_resource_reservation_enabled = job.score.reserve_operator_resources
     ctx.print_on_execution_start = progress
+    # A task's own exception (StorageUnavailable, PermissionError) reaches the driver as itself, so the
+    # run can say what failed instead of "UDF failed to process a data block".
+    ctx.raise_original_map_exception = True
     if not progress:  # quiet runs (tests, demo): no per-dataset INFO lines either
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
@@ -400,13 +442,13 @@ def score_job(
     else:
         raise ValueError("score_job needs input_uri or manifest_uri")
     n_inputs = len(manifest)
+    storage_retries += int(manifest.attrs.get("storage_retries", 0))
     errors = [
         {"run_id": run_id, "uri": r.uri, "stage": "index", "reason": r.reason, "message": r.message or ""}
         for r in manifest[manifest["reason"].notna()].itertuples()
     ]
     studies = study_table(manifest)
 
-    fs_out, _ = storage.filesystem(out_uri, sc)
     n_slices = n_studies = 0
     if studies:
         cfg = job.score
@@ -443,9 +485,10 @@ def score_job(
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.num_gpus_per_actor,
         )  # Ray Data restarts a dead actor and retries its batch: same inputs, same outputs
-        scored = ds.materialize()
-        for row in scored.select_columns(["failures"]).take_all():
+        scored = _materialize(ds)
+        for row in scored.select_columns(["failures", "storage_retries"]).take_all():
             errors += [{"run_id": run_id, **f} for f in json.loads(row["failures"])]
+            storage_retries += row["storage_retries"]
         tables = [
             ("slices", slices_rows, {"run_id": run_id, "model_version": model_version}),
             ("studies", studies_rows, {"run_id": run_id, "model_version": model_version, "thresholds": thresholds}),
@@ -453,15 +496,25 @@ def score_job(
         if job.score.write_embeddings:
             tables.append(("embeddings", embeddings_rows, {"run_id": run_id, "model_version": model_version}))
         for table, fn, kwargs in tables:
-            rows = scored.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs, batch_size=None).materialize()
-            count = rows.count()
+            written = _materialize(
+                scored.map_batches(
+                    write_part,
+                    batch_format="pyarrow",
+                    batch_size=None,
+                    num_cpus=0.25,
+                    fn_kwargs={
+                        "build": fn, "build_kwargs": kwargs, "out_uri": out_uri, "table": table,
+                        "run_id": run_id, "attempt": attempt, "storage_config": sc_dict,
+                    },
+                )
+            ).to_arrow_refs()
+            parts = pa.concat_tables(ray.get(written))
+            count = int(pc.sum(parts["rows"]).as_py() or 0)
+            storage_retries += int(pc.sum(parts["storage_retries"]).as_py() or 0)
             if table == "slices":
                 n_slices = count
             elif table == "studies":
                 n_studies = count
-            if count:
-                _, path = storage.filesystem(table_prefix(out_uri, table, run_id, attempt), sc)
-                rows.write_parquet(path, filesystem=fs_out, filename_provider=PartNames())
     for table, schema in (("slices", SLICES_SCHEMA), ("studies", STUDIES_SCHEMA)):
         if (table == "slices" and not n_slices) or (table == "studies" and not n_studies):
             write_table(schema.empty_table(), out_uri, table, run_id, attempt, storage_config=sc)
@@ -475,6 +528,7 @@ def score_job(
             write_table(rows, out_uri, table, run_id, attempt, storage_config=sc)
 
     seconds = time.perf_counter() - clock
+    storage_retries += storage.retry_count() - retries_before
     n_rejected = len(errors)
     outcomes = count_outcomes(e["reason"] for e in errors)
     problems = run_problems(n_inputs, n_slices, errors, max_reject_fraction)
@@ -498,6 +552,7 @@ def score_job(
         "n_selected_out": outcomes["selection"],
         "n_skipped": outcomes["skip"],
         "n_studies": n_studies,
+        "n_storage_retries": storage_retries,
         "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
         "kind": kind,
         "problems": json.dumps(problems),
@@ -509,8 +564,25 @@ def score_job(
     reasons = dict(Counter(e["reason"] for e in errors))
     return RunSummary(
         run_id, attempt, status, n_inputs, n_slices, n_rejected, n_studies, seconds,
-        run_row["slices_per_s"], reasons, outcomes, out_uri, run_uri, problems,
+        run_row["slices_per_s"], reasons, storage_retries, outcomes, out_uri, run_uri, problems,
     )
+
+
+def _materialize(ds):
+    """``ds.materialize()``; a task's storage failure (a store that stopped answering, a denied write)
+    is raised as itself, not inside Ray's wrapper, so the CLI can print one clear line."""
+    import ray.exceptions
+
+    try:
+        return ds.materialize()
+    except ray.exceptions.RayTaskError as exc:
+        cause = storage.unavailable_cause(exc)
+        if cause is not None:
+            raise storage.StorageUnavailable(cause.uri, cause.detail) from None
+        if isinstance(exc.cause, OSError) and exc.cause.errno is not None:
+            # as raised in the task: Ray Data writes its own note into the copy's filename
+            raise type(exc.cause)(exc.cause.errno, exc.cause.strerror) from None
+        raise
 
 
 def ds_studies_uids(scored) -> list[str]:

@@ -36,6 +36,7 @@ import functools
 import os
 import re
 import shutil
+import threading
 import uuid
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
@@ -61,6 +62,10 @@ __all__ = [
     "join",
     "open_input",
     "open_output",
+    "StorageUnavailable",
+    "S3_MAX_ATTEMPTS",
+    "retry_count",
+    "unavailable_cause",
 ]
 
 UriLike = Union[str, "os.PathLike[str]"]
@@ -426,7 +431,7 @@ def _boto3_client(config: StorageConfig) -> Any:
     from botocore.config import Config
 
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 5},
+        "retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
         # Ray actors use thread pools; botocore's default of 10 connections would serialise them.
         "max_pool_connections": 32,
     }
@@ -434,7 +439,7 @@ def _boto3_client(config: StorageConfig) -> Any:
         options["signature_version"] = botocore.UNSIGNED
     # A private session: boto3's default session is not thread-safe, the client it makes is.
     session = boto3.session.Session()
-    return session.client(
+    client = session.client(
         "s3",
         endpoint_url=config.endpoint_url,
         region_name=config.region,
@@ -443,6 +448,10 @@ def _boto3_client(config: StorageConfig) -> Any:
         aws_session_token=config.session_token,
         config=Config(**options),
     )
+    # Count requests and attempts, so a run can report the retries it needed (retry_count()).
+    client.meta.events.register("before-call.s3", _RETRIES.call)
+    client.meta.events.register("request-created.s3", _RETRIES.attempt)
+    return client
 
 
 def boto3_client(config: StorageConfig | None = None) -> Any:
@@ -461,13 +470,54 @@ def _client_error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
 
 
+class StorageUnavailable(Exception):
+    """S3 kept failing (throttling, 5xx, resets, timeouts) after the client's bounded retries.
+
+    Deliberately not an ``OSError``: an object that cannot be read is that object's ``read_error``,
+    but a store that does not answer says nothing about the object, so the run stops uncommitted
+    instead of rejecting good inputs."""
+
+    def __init__(self, uri: str, detail: str) -> None:
+        self.uri, self.detail = uri, detail
+        super().__init__(f"{uri}: object storage unavailable after {S3_MAX_ATTEMPTS} attempts: {detail}")
+
+    def __reduce__(self):  # keep the fields across Ray's pickling
+        return (StorageUnavailable, (self.uri, self.detail))
+
+
+#: Attempts per S3 request (botocore "standard" retries: exponential backoff with jitter).
+S3_MAX_ATTEMPTS = 5
+_UNAVAILABLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable",
+     "500", "502", "503", "504"}
+)
+
+
+def unavailable_cause(exc: BaseException | None) -> StorageUnavailable | None:
+    """The :class:`StorageUnavailable` behind an exception (Ray wraps a task's error), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StorageUnavailable):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
 def _translate_s3_error(exc: Exception, uri: str) -> Exception:
-    """Map a botocore ClientError to the matching builtin exception, naming the URI."""
+    """Map a botocore error to the matching builtin exception, naming the URI (never credentials)."""
+    from botocore.exceptions import BotoCoreError
+
+    if isinstance(exc, BotoCoreError):  # connection reset, timeout, unparseable answer, after retries
+        return StorageUnavailable(uri, f"{type(exc).__name__}: {exc}")
     code = _client_error_code(exc)
+    # The URI is in the message as well as in .filename: Ray replaces .filename when it re-raises.
     if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
-        return FileNotFoundError(errno.ENOENT, f"No such object ({code})", uri)
+        return FileNotFoundError(errno.ENOENT, f"No such object ({code}): {uri}", uri)
     if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
-        return PermissionError(errno.EACCES, f"Access denied ({code})", uri)
+        return PermissionError(errno.EACCES, f"Access denied ({code}): {uri}", uri)
+    if code in _UNAVAILABLE_CODES:
+        return StorageUnavailable(uri, f"{code}")
     return OSError(f"S3 request failed for {uri}: {exc}")
 
 
@@ -475,6 +525,39 @@ def _client_error_type() -> type[Exception]:
     from botocore.exceptions import ClientError
 
     return ClientError
+
+
+def _s3_errors() -> tuple[type[Exception], ...]:
+    """What a botocore call raises: service errors and transport errors (after retries)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (ClientError, BotoCoreError)
+
+
+class _RetryCounter:
+    """Per process: S3 requests made and attempts sent (botocore events), so retries = difference."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls = self.attempts = 0
+
+    def call(self, **_: Any) -> None:
+        with self._lock:
+            self.calls += 1
+
+    def attempt(self, **_: Any) -> None:
+        with self._lock:
+            self.attempts += 1
+
+
+_RETRIES = _RetryCounter()
+
+
+def retry_count() -> int:
+    """S3 retries this process has made so far (attempts beyond the first of each request). Take the
+    difference around a piece of work to count its retries."""
+    with _RETRIES._lock:
+        return _RETRIES.attempts - _RETRIES.calls
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,7 +620,7 @@ def read_bytes(
         response = boto3_client(config).get_object(Bucket=bucket, Key=key, **ranged)
         with response["Body"] as body:
             return body.read()
-    except _client_error_type() as exc:
+    except _s3_errors() as exc:
         raise _translate_s3_error(exc, text) from None
 
 
@@ -590,7 +673,7 @@ def write_bytes(uri: UriLike, data: Any, config: StorageConfig | None = None) ->
         raise IsADirectoryError(errno.EISDIR, "Not an object key", text)
     try:
         boto3_client(config).put_object(Bucket=bucket, Key=key, Body=payload)
-    except _client_error_type() as exc:
+    except _s3_errors() as exc:
         raise _translate_s3_error(exc, text) from None
 
 
@@ -637,7 +720,7 @@ def exists(uri: UriLike, config: StorageConfig | None = None) -> bool:
                     raise
         response = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
         return response.get("KeyCount", 0) > 0
-    except client_error as exc:
+    except _s3_errors() as exc:
         translated = _translate_s3_error(exc, text)
         if isinstance(translated, FileNotFoundError):
             return False
@@ -733,7 +816,7 @@ def _list_s3(path: str, recursive: bool, uri: str, config: StorageConfig | None)
                     raise
             else:
                 out.append(_s3_entry(bucket, key, head["ContentLength"], head.get("LastModified"), head.get("ETag")))
-    except _client_error_type() as exc:
+    except _s3_errors() as exc:
         raise _translate_s3_error(exc, uri) from None
     return out
 
@@ -770,7 +853,7 @@ def delete(uri: UriLike, config: StorageConfig | None = None) -> None:
         raise IsADirectoryError(errno.EISDIR, "Not an object key (use delete_prefix)", text)
     try:
         boto3_client(config).delete_object(Bucket=bucket, Key=key)
-    except _client_error_type() as exc:
+    except _s3_errors() as exc:
         translated = _translate_s3_error(exc, text)
         if not isinstance(translated, FileNotFoundError):
             raise translated from None
@@ -823,7 +906,7 @@ def delete_prefix(prefix_uri: UriLike, config: StorageConfig | None = None) -> i
                     f"{first.get('Key')}: {first.get('Code')}"
                 )
             deleted += len(keys)
-    except _client_error_type() as exc:
+    except _s3_errors() as exc:
         translated = _translate_s3_error(exc, text)
         if isinstance(translated, FileNotFoundError):
             return 0

@@ -70,6 +70,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster a fault test or `ray start` left on this machine
             num_cpus=2,
             include_dashboard=False,
             logging_level=logging.WARNING,
