@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision first and pinned: PyPI's torchvision does not load beside other torch builds.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-slow venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: venv
 	$(VENV)/bin/ichd-ray demo
 
+# Two tiers: `make test` (under 20 min here); `make test-slow` runs the fault scenarios (SIGKILLs, a
+# node killed, S3 through a fault proxy, a full disk); .ci/run runs both.
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow" --durations=15
+
+test-slow: venv
+	$(PY) -m pytest -m slow --durations=15
 
 bench: venv
 	$(PY) bench/preprocess.py

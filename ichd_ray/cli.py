@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--dry-run", action="store_true", help="print the plan (studies, reasons, estimated time); change nothing")
     nightly.add_argument("--max-reject-fraction", type=_fraction, default=0.05,
                          help="commit the run as failed (exit 1) above this fraction of rejected inputs (default 0.05)")
-    nightly.add_argument("--lease-hours", type=float, default=2.0, help="lease expiry; the holder renews it (default 2)")
+    nightly.add_argument("--lease-ttl", type=float, default=300.0, metavar="SECONDS",
+                         help="lease lifetime, renewed every third of it: a killed run blocks a re-run on another "
+                              "host this long at most, on the same host not at all (default 300)")
     nightly.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
     nightly.add_argument("--no-progress", action="store_true")
     _storage_args(nightly)
@@ -166,8 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code when storage failed (unavailable past its retries, access denied, disk full): the run
+#: committed nothing, and re-running the same command once storage is healthy completes it.
+EXIT_STORAGE = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ichd_ray.storage import StorageUnavailable  # here, not at the top: --help stays fast
+
+    try:
+        return _dispatch(args)
+    except (StorageUnavailable, OSError) as exc:
+        # one line naming what failed (a URI, never a credential) instead of a Ray traceback
+        detail = f"{exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in detail else ""
+        committed = "; nothing was committed" if args.command in ("score", "nightly") else ""
+        print(f"ichd-ray {args.command}: storage failed: {detail}{where}{committed} (exit {EXIT_STORAGE}): "
+              "fix the storage and run the same command again", file=sys.stderr)
+        return EXIT_STORAGE
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "synth":
         from ichd_ray.synth import SynthConfig, generate
 
@@ -286,8 +308,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _nightly(args: argparse.Namespace) -> int:
     import datetime as dt
+    import math
 
     from ichd_ray.config import ConfigError, load_job_config
+
+    if not (math.isfinite(args.lease_ttl) and args.lease_ttl >= 1):
+        print(f"ichd-ray nightly: --lease-ttl must be a number of seconds >= 1, got {args.lease_ttl}", file=sys.stderr)
+        return 2
 
     try:
         job = load_job_config(args.config, {"storage": {"endpoint_url": args.endpoint_url, "region": args.region}})
@@ -305,7 +332,7 @@ def _nightly(args: argparse.Namespace) -> int:
     try:
         result = nightly(
             args.archive, args.model, args.out, job=job, run_id=args.run_id, full=args.full, dry_run=args.dry_run,
-            max_reject_fraction=args.max_reject_fraction, lease_ttl=dt.timedelta(hours=args.lease_hours),
+            max_reject_fraction=args.max_reject_fraction, lease_ttl=dt.timedelta(seconds=args.lease_ttl),
             progress=not args.no_progress,
         )
     except LeaseHeld as exc:
