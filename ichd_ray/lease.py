@@ -1,20 +1,35 @@
 """Output leases: keep two runs of the nightly job from writing the same output prefix at once.
 
-A lease is one small JSON object, conventionally ``<output prefix>/_lease.json`` (:func:`lease_uri`):
-``{"holder", "acquired_at", "expires_at", "renewed_at"}`` with UTC ISO-8601 times. A run calls
-:func:`acquire` before writing, :func:`renew` while working (:class:`LeaseKeeper` does both, renewing
-in a background thread) and :func:`release` at the end. A crashed run's lease simply expires, so
-the next run can take it over; ``ttl`` bounds how long a crash blocks the next run.
+A lease is one small JSON object, conventionally ``<output prefix>/_lease.json`` (:func:`lease_uri`)::
+
+    {"holder": "worker-3:4711:1a2b3c4d", "nonce": "<16 hex>", "ttl_seconds": 300.0,
+     "acquired_at": ..., "renewed_at": ..., "expires_at": ...,            (UTC ISO-8601)
+     "process": {"host": ..., "pid": 4711, "start": <ticks>, "boot_id": ..., "pid_ns": "pid:[...]"}}
+
+It is a heartbeat: a run calls :func:`acquire` before writing, :func:`renew` every third of the TTL
+while working (:class:`LeaseKeeper` does both, renewing in a background thread) and :func:`release` at
+the end. The TTL is short (:data:`DEFAULT_TTL`, 5 minutes), so a holder that dies without a word
+(SIGKILL, the OOM killer, a lost node or pod) blocks the next run for at most that long, on any host.
+On the holder's own host the next run need not wait: when the recorded process is gone (no such pid,
+a zombie, or the pid now belongs to a process that started at another time) the lease is taken over at
+once. "The same host" means the same host name, kernel boot (``boot_id``) and pid namespace, so a pid
+in another container or pod is never looked up here. A live holder is never displaced: it keeps
+renewing, and its pid is alive.
 
 Every change is a compare-and-swap, so two processes never both believe they hold the lease:
 
-* S3: create with ``PUT If-None-Match: *``; take over an expired lease, or renew, with
+* S3: create with ``PUT If-None-Match: *``; take over an expired or dead holder's lease, or renew, with
   ``PUT If-Match: <etag read>``; release with ``DELETE If-Match: <etag>``. A 412 (or the 409
   ``ConditionalRequestConflict`` of a concurrent conditional write) means someone else got there first.
 * Local paths and ``file://``: create with ``O_CREAT|O_EXCL``; the conditional operations compare the
   file's content (its sha256 is the "etag") and ``os.replace``/``unlink`` it while holding an
   ``fcntl.flock`` on the sibling ``<lease>.lock`` file. That lock file stays behind on purpose:
   deleting a lock file while others may have it open breaks mutual exclusion.
+
+Lost responses: a conditional request whose response never arrived may have landed all the same. Its
+retry (botocore's, or ours after botocore gave up) then fails its condition against our own write.
+Each acquisition carries a random ``nonce``; finding our holder id and nonce in the lease means the
+write was ours, so acquire, renew and release stay idempotent under retries.
 
 Expiry compares the reader's clock with the writer's ``expires_at``, so hosts need roughly synchronised
 clocks (NTP); keep ``ttl`` far above any skew. A lease whose body cannot be parsed counts as expired
@@ -32,6 +47,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +69,7 @@ from ichd_ray.storage import (
 __all__ = [
     "DEFAULT_TTL",
     "LEASE_NAME",
+    "HolderProcess",
     "Lease",
     "LeaseHeld",
     "LeaseKeeper",
@@ -62,14 +79,17 @@ __all__ = [
     "lease_uri",
     "release",
     "renew",
+    "this_process",
 ]
 
 logger = logging.getLogger(__name__)
 
 UriLike = Union[str, "os.PathLike[str]"]
 
-#: Lease lifetime without renewal: how long a crashed run blocks the next one.
-DEFAULT_TTL = timedelta(hours=2)
+#: Lease lifetime without renewal: at most how long a dead holder blocks the next run on another host.
+DEFAULT_TTL = timedelta(minutes=5)
+#: A keeper renews this many times per TTL by default (every ``ttl / 3``).
+RENEWALS_PER_TTL = 3
 #: File name of the lease inside an output prefix (see :func:`lease_uri`).
 LEASE_NAME = "_lease.json"
 
@@ -127,6 +147,55 @@ class LeaseLost(Exception):
 
 
 @dataclass(frozen=True)
+class HolderProcess:
+    """The process holding a lease, as written in it: enough to tell, on its own host, whether it still runs.
+
+    Attributes:
+        host: Host name (a Kubernetes pod's name).
+        pid: Process id, in the holder's pid namespace.
+        start: The process's start time in clock ticks after boot (``/proc/<pid>/stat`` field 22), so a
+            later process that reuses the pid is not taken for the holder; None where unknown.
+        boot_id: The kernel boot (``/proc/sys/kernel/random/boot_id``); None where unknown.
+        pid_ns: The pid namespace (``/proc/self/ns/pid``, e.g. ``"pid:[4026531836]"``); None where unknown.
+    """
+
+    host: str
+    pid: int
+    start: int | None = None
+    boot_id: str | None = None
+    pid_ns: str | None = None
+
+    def shares_pids_with(self, other: HolderProcess) -> bool:
+        """Whether a pid in ``other`` means the same process here: same host, kernel boot and pid
+        namespace, all known. Containers on one host have their own pid namespaces; pods their own hosts."""
+        return (
+            self.host == other.host
+            and self.boot_id is not None
+            and self.boot_id == other.boot_id
+            and self.pid_ns is not None
+            and self.pid_ns == other.pid_ns
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Any) -> HolderProcess | None:
+        """Parse a ``process`` entry; None when it is absent or malformed (nothing is concluded from it)."""
+        if not isinstance(doc, dict):
+            return None
+        host, pid, start = doc.get("host"), doc.get("pid"), doc.get("start")
+        boot_id, pid_ns = doc.get("boot_id"), doc.get("pid_ns")
+        if not isinstance(host, str) or type(pid) is not int or pid <= 0:
+            return None
+        if start is not None and type(start) is not int:
+            return None
+        if not all(v is None or isinstance(v, str) for v in (boot_id, pid_ns)):
+            return None
+        return cls(host, pid, start, boot_id, pid_ns)
+
+
+@dataclass(frozen=True)
 class Lease:
     """A lease this process holds. Frozen: :func:`renew` returns a new one with the new expiry and etag.
 
@@ -138,6 +207,9 @@ class Lease:
         storage_config: S3 settings used for every operation on it; None means
             :meth:`StorageConfig.from_env`. Its repr masks secrets.
         acquired_at: When this holder first acquired it (kept across renewals).
+        nonce: Random per acquisition (kept across renewals): a lease body with our holder and nonce
+            was written by us, even when the response to that write was lost.
+        process: The holding process, as written in the lease.
     """
 
     uri: str
@@ -146,6 +218,100 @@ class Lease:
     etag: str
     storage_config: StorageConfig | None = None
     acquired_at: datetime | None = None
+    nonce: str = ""
+    process: HolderProcess | None = None
+
+
+_THIS_PROCESS: tuple[int, HolderProcess] | None = None
+
+
+def this_process() -> HolderProcess:
+    """The calling process as a lease holder (computed once per pid, so a forked child gets its own).
+
+    Returns:
+        HolderProcess: Host name, pid, and on Linux its start time, the kernel boot id and pid namespace.
+    """
+    global _THIS_PROCESS
+    pid = os.getpid()
+    if _THIS_PROCESS is None or _THIS_PROCESS[0] != pid:
+        try:
+            stat = _proc_stat(pid)
+        except FileNotFoundError:
+            stat = None
+        process = HolderProcess(
+            host=socket.gethostname(),
+            pid=pid,
+            start=stat[1] if stat else None,
+            boot_id=_read_text("/proc/sys/kernel/random/boot_id"),
+            pid_ns=_readlink("/proc/self/ns/pid"),
+        )
+        _THIS_PROCESS = (pid, process)
+    return _THIS_PROCESS[1]
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in ticks) of a pid from ``/proc/<pid>/stat``; None if it cannot be read.
+
+    Raises:
+        FileNotFoundError: No such process (visible to us).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            raise
+        return None  # no procfs here
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain spaces and ')'.
+    fields = text.rsplit(")", 1)[-1].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _is_dead(process: HolderProcess | None) -> bool:
+    """True only when certain that the holder process no longer runs: it shares our pid space (same
+    host, boot and pid namespace) and its pid is gone, a zombie, or now another process's."""
+    if process is None or not this_process().shares_pids_with(process):
+        return False
+    try:
+        os.kill(process.pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        signalled = False  # exists, another user's; /proc may hide it (hidepid)
+    except OSError:
+        return False
+    else:
+        signalled = True
+    try:
+        stat = _proc_stat(process.pid)
+    except FileNotFoundError:
+        return signalled  # it existed a moment ago: it exited in between
+    if stat is None:
+        return False
+    state, start = stat
+    if state in ("Z", "X"):
+        return True  # killed, not yet reaped by its parent
+    return process.start is not None and start != process.start
 
 
 def default_holder() -> str:
@@ -183,15 +349,26 @@ class _Record:
     expires_at: datetime
     acquired_at: datetime | None = None
     renewed_at: datetime | None = None
+    nonce: str = ""
+    ttl: timedelta | None = None
+    process: HolderProcess | None = None
 
     def encode(self) -> bytes:
         doc = {
             "holder": self.holder,
+            "nonce": self.nonce,
+            "ttl_seconds": self.ttl.total_seconds() if self.ttl is not None else None,
             "acquired_at": _format_time(self.acquired_at),
             "expires_at": _format_time(self.expires_at),
             "renewed_at": _format_time(self.renewed_at),
+            "process": self.process.to_json() if self.process is not None else None,
         }
         return (json.dumps(doc, sort_keys=True) + "\n").encode("utf-8")
+
+    def written_by(self, holder: str, nonce: str) -> bool:
+        """Whether this body is from the acquisition ``(holder, nonce)``: written by us, whichever of our
+        requests landed. (Bodies from before nonces existed have none: then the holder id decides.)"""
+        return self.holder == holder and self.nonce == nonce
 
 
 def _decode(data: bytes, uri: str) -> _Record | None:
@@ -202,20 +379,28 @@ def _decode(data: bytes, uri: str) -> _Record | None:
         uri: Lease URI, for the warning.
 
     Returns:
-        _Record | None: The record, or None for a corrupt body.
+        _Record | None: The record, or None for a corrupt body. A malformed ``process`` entry only
+        loses the same-host fast path (the lease then lapses with its TTL).
     """
     try:
         doc = json.loads(data.decode("utf-8"))
         holder = doc["holder"]
         if not isinstance(holder, str) or not holder:
             raise ValueError("holder must be a non-empty string")
+        nonce = doc.get("nonce") or ""
+        if not isinstance(nonce, str):
+            raise TypeError("nonce must be a string")
+        ttl_seconds = doc.get("ttl_seconds")
         return _Record(
             holder=holder,
             expires_at=_parse_time(doc["expires_at"]),
             acquired_at=_parse_time(doc["acquired_at"]) if doc.get("acquired_at") else None,
             renewed_at=_parse_time(doc["renewed_at"]) if doc.get("renewed_at") else None,
+            nonce=nonce,
+            ttl=timedelta(seconds=float(ttl_seconds)) if ttl_seconds is not None else None,
+            process=HolderProcess.from_json(doc.get("process")),
         )
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError, OverflowError) as exc:
         logger.warning("lease %s has an unreadable body (%s); treating it as expired", uri, type(exc).__name__)
         return None
 
@@ -278,6 +463,18 @@ def _store_for(uri: str, config: StorageConfig | None) -> _Store:
     return _S3Store(uri, path, config)
 
 
+class _Uncertain(OSError):
+    """A lease request got no answer (connection lost, timeout, 5xx after botocore's retries): it may or
+    may not have been applied. Callers retry; the nonce tells them afterwards whether it was."""
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return (BotoConnectionError, HTTPClientError)
+
+
 class _S3Store:
     """Conditional requests against one S3 key (S3 evaluates the condition atomically with the write)."""
 
@@ -294,7 +491,9 @@ class _S3Store:
         except _client_error_type() as exc:
             if _client_error_code(exc) in _CONFLICT_CODES:
                 return None
-            raise _translate_s3_error(exc, self._uri) from None
+            raise self._failure(exc, "create") from None
+        except _transport_errors() as exc:
+            raise self._failure(exc, "create") from None
 
     def read(self) -> tuple[bytes, str] | None:
         try:
@@ -304,7 +503,9 @@ class _S3Store:
         except _client_error_type() as exc:
             if _client_error_code(exc) in _MISSING_KEY_CODES:
                 return None
-            raise _translate_s3_error(exc, self._uri) from None
+            raise self._failure(exc, "read") from None
+        except _transport_errors() as exc:
+            raise self._failure(exc, "read") from None
 
     def replace(self, body: bytes, etag: str) -> str | None:
         try:
@@ -313,7 +514,9 @@ class _S3Store:
             # 404: If-Match on a key that is gone (released or deleted meanwhile) is a failed condition too.
             if _client_error_code(exc) in _CONFLICT_CODES | _MISSING_KEY_CODES:
                 return None
-            raise _translate_s3_error(exc, self._uri) from None
+            raise self._failure(exc, "replace") from None
+        except _transport_errors() as exc:
+            raise self._failure(exc, "replace") from None
 
     def delete(self, etag: str) -> bool:
         if not _supports_conditional_delete(self._client):
@@ -324,21 +527,26 @@ class _S3Store:
         except _client_error_type() as exc:
             code = _client_error_code(exc)
             if code in _MISSING_KEY_CODES:
-                return True
+                return True  # also a retry after our own delete landed
             if code in _CONFLICT_CODES:
                 return False
-            raise _translate_s3_error(exc, self._uri) from None
+            raise self._failure(exc, "delete") from None
+        except _transport_errors() as exc:
+            raise self._failure(exc, "delete") from None
 
     def _compare_then_delete(self, etag: str) -> bool:
         # Only for a botocore without DeleteObject IfMatch: a takeover landing between this read and
         # the delete would be deleted. The window is one round trip, against a lease that has to be
-        # expired for a takeover to happen at all.
+        # expired (or its holder dead) for a takeover to happen at all.
         current = self.read()
         if current is None:
             return True
         if current[1] != etag:
             return False
-        self._client.delete_object(Bucket=self._bucket, Key=self._key)
+        try:
+            self._client.delete_object(Bucket=self._bucket, Key=self._key)
+        except (_client_error_type(), *_transport_errors()) as exc:
+            raise self._failure(exc, "delete") from None
         return True
 
     def _put(self, body: bytes, **condition: str) -> str:
@@ -346,6 +554,16 @@ class _S3Store:
             Bucket=self._bucket, Key=self._key, Body=body, ContentType="application/json", **condition
         )
         return response["ETag"]
+
+    def _failure(self, exc: Exception, what: str) -> Exception:
+        """The exception to raise for a failed request: :class:`_Uncertain` when it got no definite answer."""
+        response = getattr(exc, "response", None)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+        transient = not isinstance(exc, _client_error_type()) or _client_error_code(exc) in ("RequestTimeout", "SlowDown")
+        if transient or (isinstance(status, int) and status >= 500):
+            effect = "" if what == "read" else "; it may have been applied"
+            return _Uncertain(f"lease {self._uri}: {what} got no answer ({type(exc).__name__}: {exc}){effect}")
+        return _translate_s3_error(exc, self._uri)
 
 
 def _supports_conditional_delete(client: Any) -> bool:
@@ -450,7 +668,7 @@ def acquire(
     storage_config: StorageConfig | None = None,
     now: datetime | None = None,
 ) -> Lease:
-    """Take the lease at ``uri``, or take over an expired one.
+    """Take the lease at ``uri``, or take over one whose holder is gone: expired, or dead on this host.
 
     Args:
         uri: Lease object or file (local path, ``file://`` or ``s3://``), e.g. :func:`lease_uri` of
@@ -464,51 +682,77 @@ def acquire(
         Lease: The lease now held.
 
     Raises:
-        LeaseHeld: Another holder's lease has not expired (or it won a race for an expired one).
+        LeaseHeld: Another holder's lease has not expired and its process is alive or elsewhere (or it
+            won a race for a stale one).
         ValueError: Non-positive ttl, naive ``now``, or an S3 URI that names no object.
         FileNotFoundError: The S3 bucket does not exist.
         PermissionError: Access denied.
+        OSError: The store kept failing to answer.
     """
     text = os.fspath(uri)
     holder = holder or default_holder()
     _check_ttl(ttl)
     now = _now(now)
-    body = _Record(holder, expires_at=now + ttl, acquired_at=now, renewed_at=now).encode()
+    nonce = uuid.uuid4().hex[:16]
+    process = this_process()
+    body = _Record(holder, now + ttl, now, now, nonce, ttl, process).encode()
     store = _store_for(text, storage_config)
 
-    def held(etag: str) -> Lease:
-        return Lease(text, holder, now + ttl, etag, storage_config, acquired_at=now)
+    def held(etag: str, how: str) -> Lease:
+        logger.info("lease %s %s by %s", text, how, holder)
+        return Lease(text, holder, now + ttl, etag, storage_config, acquired_at=now, nonce=nonce, process=process)
 
     last_seen: _Record | None = None
-    for _ in range(_MAX_ATTEMPTS):
-        etag = store.create(body)
-        if etag is not None:
-            logger.info("lease %s acquired by %s", text, holder)
-            return held(etag)
-        current = store.read()
-        if current is None:
-            continue  # released between our create and our read: create again
-        data, stale_etag = current
-        if data == body:
-            # Our own write already landed: botocore retried a request whose response was lost.
-            logger.info("lease %s acquired by %s", text, holder)
-            return held(stale_etag)
-        last_seen = _decode(data, text)
-        if last_seen is not None and now < last_seen.expires_at:
-            raise LeaseHeld(last_seen.holder, last_seen.expires_at, text)
-        etag = store.replace(body, stale_etag)
-        if etag is not None:
-            previous = last_seen.holder if last_seen is not None else "an unreadable lease"
-            logger.info("lease %s taken over by %s from expired %s", text, holder, previous)
-            return held(etag)
-        # Someone changed it between our read and our write; the next round reads who.
+    uncertain: _Uncertain | None = None
+    for attempt in range(_MAX_ATTEMPTS):
+        if uncertain is not None:
+            time.sleep(min(2.0, 0.1 * 2**attempt))
+        uncertain = None
+        try:
+            etag = store.create(body)
+            if etag is not None:
+                return held(etag, "acquired")
+            current = store.read()
+            if current is None:
+                continue  # released between our create and our read: create again
+            data, stale_etag = current
+            seen = _decode(data, text)
+            if seen is not None and seen.written_by(holder, nonce):
+                # Our own create or takeover landed; its response was lost (and the retry failed its condition).
+                return held(stale_etag, "acquired")
+            last_seen = seen
+            why = _stale(seen, now)
+            if why is None:
+                assert seen is not None
+                raise LeaseHeld(seen.holder, seen.expires_at, text)
+            etag = store.replace(body, stale_etag)
+            if etag is not None:
+                return held(etag, f"taken over from {why}")
+            # Someone changed it between our read and our write; the next round reads who.
+        except _Uncertain as exc:
+            logger.warning("%s; trying again", exc)
+            uncertain = exc
+    if uncertain is not None:
+        raise OSError(f"lease {text}: no answer after {_MAX_ATTEMPTS} attempts ({uncertain})") from uncertain
     if last_seen is not None:
         raise LeaseHeld(last_seen.holder, last_seen.expires_at, text)
     raise OSError(f"lease {text}: gave up after {_MAX_ATTEMPTS} contended attempts")
 
 
+def _stale(seen: _Record | None, now: datetime) -> str | None:
+    """Why a lease found in place may be taken over (its previous holder, in words), or None: it is held."""
+    if seen is None:
+        return "an unreadable lease"
+    if now >= seen.expires_at:
+        return f"expired {seen.holder}"
+    if _is_dead(seen.process):
+        assert seen.process is not None
+        return f"{seen.holder}, whose process {seen.process.pid} on this host is gone"
+    return None
+
+
 def renew(lease: Lease, ttl: timedelta = DEFAULT_TTL, now: datetime | None = None) -> Lease:
-    """Extend a held lease to ``now + ttl``, only if it is still exactly the one we wrote.
+    """Extend a held lease to ``now + ttl``, only if it is still ours (our holder id and nonce).
 
     Args:
         lease: The lease as last returned by :func:`acquire` or :func:`renew`.
@@ -521,20 +765,34 @@ def renew(lease: Lease, ttl: timedelta = DEFAULT_TTL, now: datetime | None = Non
     Raises:
         LeaseLost: Someone took it over or deleted it.
         ValueError: Non-positive ttl or naive ``now``.
+        OSError: No answer from the store (the renewal may have landed: renewing again sorts it out).
     """
     _check_ttl(ttl)
     now = _now(now)
     acquired_at = lease.acquired_at or now
-    body = _Record(lease.holder, expires_at=now + ttl, acquired_at=acquired_at, renewed_at=now).encode()
+    process = lease.process or this_process()
+    body = _Record(lease.holder, now + ttl, acquired_at, now, lease.nonce, ttl, process).encode()
     store = _store_for(lease.uri, lease.storage_config)
-    etag = store.replace(body, lease.etag)
-    if etag is None:
+    etag = lease.etag
+    for _ in range(_MAX_ATTEMPTS):
+        new_etag = store.replace(body, etag)
+        if new_etag is not None:
+            break
         current = store.read()
-        if current is None or current[0] != body:
-            raise _lost(lease, current, "it was taken over or deleted before renewal")
-        etag = current[1]  # our retried write had landed already
+        if current is None:
+            raise _lost(lease, current, "it was deleted before renewal")
+        data, etag = current
+        if data == body:
+            new_etag = etag  # our retried write had landed already
+            break
+        seen = _decode(data, lease.uri)
+        if seen is None or not seen.written_by(lease.holder, lease.nonce):
+            raise _lost(lease, current, "it was taken over before renewal")
+        # An earlier write of ours whose response was lost landed after all: renew over it.
+    else:
+        raise OSError(f"lease {lease.uri}: renewal gave up after {_MAX_ATTEMPTS} contended attempts")
     logger.info("lease %s renewed by %s", lease.uri, lease.holder)
-    return dataclasses.replace(lease, expires_at=now + ttl, etag=etag, acquired_at=acquired_at)
+    return dataclasses.replace(lease, expires_at=now + ttl, etag=new_etag, acquired_at=acquired_at, process=process)
 
 
 def release(lease: Lease) -> None:
@@ -545,21 +803,26 @@ def release(lease: Lease) -> None:
 
     Raises:
         LeaseLost: Someone else holds it now; their lease is left untouched.
+        OSError: No answer from the store (the lease then lapses with its TTL, or is taken over at
+            once on this host once this process has exited).
     """
     store = _store_for(lease.uri, lease.storage_config)
-    current = store.read()
-    if current is None:
-        logger.info("lease %s of %s already gone", lease.uri, lease.holder)
-        return
-    data, etag = current
-    if etag != lease.etag:
-        record = _decode(data, lease.uri)
-        # Same holder, other etag: our own later renewal through another Lease object; still ours.
-        if record is None or record.holder != lease.holder:
-            raise _lost(lease, current, "someone else holds it; left in place")
-    if not store.delete(etag):
-        raise _lost(lease, store.read(), "it was taken over while releasing; left in place")
-    logger.info("lease %s released by %s", lease.uri, lease.holder)
+    for _ in range(_MAX_ATTEMPTS):
+        current = store.read()
+        if current is None:
+            logger.info("lease %s of %s already gone", lease.uri, lease.holder)
+            return
+        data, etag = current
+        if etag != lease.etag:
+            seen = _decode(data, lease.uri)
+            # Ours with another etag: a later renewal through another Lease object, or one whose response was lost.
+            if seen is None or not seen.written_by(lease.holder, lease.nonce):
+                raise _lost(lease, current, "someone else holds it; left in place")
+        if store.delete(etag):
+            logger.info("lease %s released by %s", lease.uri, lease.holder)
+            return
+        # Changed between our read and our delete: the next round reads by whom.
+    raise _lost(lease, store.read(), "it kept changing while releasing; left in place")
 
 
 def _lost(lease: Lease, current: tuple[bytes, str] | None, reason: str) -> LeaseLost:
@@ -577,13 +840,14 @@ def _lost(lease: Lease, current: tuple[bytes, str] | None, reason: str) -> Lease
 
 
 class LeaseKeeper:
-    """Hold a lease for the duration of a ``with`` block, renewing it in a daemon thread.
+    """Hold a lease for the duration of a ``with`` block, renewing it in a daemon thread (a heartbeat).
 
     Acquires on enter (raising :class:`LeaseHeld` if someone else holds it), renews every
-    ``interval`` (default ``ttl / 4``) and, on exit, stops the thread and releases. A renewal that
+    ``interval`` (default ``ttl / 3``) and, on exit, stops the thread and releases. A renewal that
     finds the lease taken over is recorded; :meth:`check` then raises it, so call ``check()`` before
-    committing outputs. Other renewal errors (a network blip) are logged and retried at the next
-    interval: until ``expires_at`` passes, nobody else can have taken the lease.
+    committing outputs. Other renewal errors (a network blip) are logged and retried sooner than the
+    interval: until ``expires_at`` passes, nobody else can have taken the lease. A process killed
+    outright leaves its lease behind: it lapses after ``ttl``, or at once for a run on the same host.
 
     Example::
 
@@ -607,7 +871,7 @@ class LeaseKeeper:
             uri: Lease URI (see :func:`acquire`).
             holder: This holder's id; None means :func:`default_holder`.
             ttl: Lifetime per acquisition/renewal.
-            interval: Time between renewals (timedelta or seconds); None means ``ttl / 4``. Must be
+            interval: Time between renewals (timedelta or seconds); None means ``ttl / 3``. Must be
                 shorter than ``ttl``.
             storage_config: S3 settings; None means :meth:`StorageConfig.from_env`.
 
@@ -615,7 +879,7 @@ class LeaseKeeper:
             ValueError: Non-positive ttl, or an interval not in (0, ttl).
         """
         _check_ttl(ttl)
-        seconds = ttl.total_seconds() / 4 if interval is None else _seconds(interval)
+        seconds = ttl.total_seconds() / RENEWALS_PER_TTL if interval is None else _seconds(interval)
         if not 0 < seconds < ttl.total_seconds():
             raise ValueError(f"renewal interval must be in (0, ttl={ttl}), got {seconds}s")
         self._uri = os.fspath(uri)
@@ -624,10 +888,20 @@ class LeaseKeeper:
         self._interval = seconds
         self._config = storage_config
         self._guard = threading.Lock()
+        self._renewing = threading.Lock()  # one renewal at a time: the thread's or check()'s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lease: Lease | None = None
         self._lost: LeaseLost | None = None
+
+    @property
+    def ttl(self) -> timedelta:
+        return self._ttl
+
+    @property
+    def interval(self) -> float:
+        """Seconds between renewals."""
+        return self._interval
 
     @property
     def lease(self) -> Lease:
@@ -644,17 +918,29 @@ class LeaseKeeper:
             return self._lost
 
     def check(self) -> None:
-        """Raise if this keeper can no longer be sure it holds the lease.
+        """Raise unless this keeper holds the lease, confirmed by a renewal just now.
+
+        Call it right before a commit: the renewal gives the commit a whole ``ttl`` of margin. When the
+        store does not answer, the lease counts as held only while at least one ``interval`` is left.
 
         Raises:
-            LeaseLost: A renewal found it taken over, or it expired because renewals kept failing.
+            LeaseLost: It was taken over or deleted, or it is about to expire and cannot be renewed.
         """
-        lease = self.lease
         lost = self.lost
         if lost is not None:
             raise lost
-        if datetime.now(timezone.utc) >= lease.expires_at:
-            raise LeaseLost(lease.uri, lease.holder, None, "it expired before it could be renewed")
+        try:
+            self._renew()
+        except LeaseLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - judged by the time left, below
+            lease = self.lease
+            left = (lease.expires_at - datetime.now(timezone.utc)).total_seconds()
+            if left < self._interval:
+                raise LeaseLost(lease.uri, lease.holder, None,
+                                f"it could not be renewed ({type(exc).__name__}: {exc}) and expires in {left:.0f} s") from exc
+            logger.warning("lease %s not renewed before the check (%s: %s); %.0f s left", lease.uri,
+                           type(exc).__name__, exc, left)
 
     def __enter__(self) -> LeaseKeeper:  # noqa: PYI034 - typing.Self needs 3.11; not meant to be subclassed
         lease = acquire(self._uri, self._holder, self._ttl, self._config)
@@ -674,7 +960,7 @@ class LeaseKeeper:
         """Stop renewing and release the lease (unless it was lost). Safe to call twice.
 
         Release errors are logged, not raised: the work is done by then, and an unreleased lease
-        only delays the next run until it expires.
+        only delays the next run until it expires (on this host: until this process has exited).
         """
         self._stop.set()
         if self._thread is not None:
@@ -695,20 +981,32 @@ class LeaseKeeper:
             logger.warning("lease %s of %s not released (%s: %s); it expires at %s", lease.uri,
                            lease.holder, type(exc).__name__, exc, _format_seconds(lease.expires_at))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+    def _renew(self) -> None:
+        """One renewal; a LeaseLost is recorded (and raised)."""
+        with self._renewing:
             try:
                 renewed = renew(self.lease, self._ttl)
             except LeaseLost as exc:
-                logger.error("%s", exc)
                 with self._guard:
                     self._lost = exc
-                return
-            except Exception as exc:  # noqa: BLE001 - transient; retried next interval
-                logger.warning("lease %s renewal failed (%s: %s); retrying", self._uri, type(exc).__name__, exc)
-                continue
+                raise
             with self._guard:
-                self._lease = renewed
+                if self._lease is not None:
+                    self._lease = renewed
+
+    def _run(self) -> None:
+        wait = self._interval
+        while not self._stop.wait(wait):
+            try:
+                self._renew()
+            except LeaseLost as exc:
+                logger.error("%s", exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - transient; retried soon, long before expiry
+                logger.warning("lease %s renewal failed (%s: %s); retrying", self._uri, type(exc).__name__, exc)
+                wait = self._interval / RENEWALS_PER_TTL
+                continue
+            wait = self._interval
 
 
 def _seconds(value: timedelta | float) -> float:

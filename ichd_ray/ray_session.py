@@ -24,4 +24,5 @@ def init_ray(section: RaySection | None = None) -> None:
     else:
         # Workers' INFO lines (Ray Train reports, Ray Data plans) stay in the session logs, not the terminal;
         # failures still reach the driver as exceptions.
-        ray.init(num_cpus=section.num_cpus, include_dashboard=False, log_to_driver=False, **quiet)
+        # address="local": a new Ray of our own, never a cluster some `ray start` left on this host.
+        ray.init(address="local", num_cpus=section.num_cpus, include_dashboard=False, log_to_driver=False, **quiet)

@@ -431,7 +431,8 @@ def _boto3_client(config: StorageConfig) -> Any:
     from botocore.config import Config
 
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+        # total_max_attempts counts the first try too (botocore's max_attempts counts only retries)
+        "retries": {"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS},
         # Ray actors use thread pools; botocore's default of 10 connections would serialise them.
         "max_pool_connections": 32,
     }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
 import re
+import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -187,12 +189,19 @@ def test_lease_body_is_json(target: Target) -> None:
     uri, config = target
     lease = acquire(uri, holder="run-a", ttl=HOUR, storage_config=config, now=T0)
     body = json.loads(storage.read_bytes(uri, config))
+    process = body.pop("process")
+    assert re.fullmatch(r"[0-9a-f]{16}", body.pop("nonce"))
     assert body == {
         "holder": "run-a",
         "acquired_at": "2026-11-24T02:00:00.000000Z",
         "expires_at": "2026-11-24T03:00:00.000000Z",
         "renewed_at": "2026-11-24T02:00:00.000000Z",
+        "ttl_seconds": 3600.0,
     }
+    # Who holds it, precisely enough to tell on this host whether that process still runs.
+    assert process["host"] == socket.gethostname() and process["pid"] == os.getpid()
+    assert set(process) == {"host", "pid", "start", "boot_id", "pid_ns"}
+    assert isinstance(process["start"], int) and process["boot_id"] and process["pid_ns"].startswith("pid:[")
     renewed = renew(lease, ttl=HOUR, now=T0 + timedelta(minutes=10))
     body = json.loads(storage.read_bytes(uri, config))
     assert body["acquired_at"] == "2026-11-24T02:00:00.000000Z"  # kept across renewals
@@ -279,3 +288,261 @@ def test_rejects_bad_arguments(tmp_path) -> None:
         LeaseKeeper(uri, ttl=timedelta(seconds=1), interval=2)
     with pytest.raises(ValueError):
         acquire("s3://bucket/prefix/")
+
+
+# ------------------------------------------------------------------ dead holders and heartbeats
+#
+# A holder that dies without a Python exception (SIGKILL, the OOM killer) never releases its lease.
+# On the same host the next run sees the holder's pid gone and takes over at once (still a
+# compare-and-swap); elsewhere the short TTL lapses because nobody renews it. A live holder keeps it.
+
+_HOLDER_SCRIPT = """
+import json, sys, time
+from datetime import timedelta
+from ichd_ray.lease import LeaseKeeper, acquire
+from ichd_ray.storage import StorageConfig
+uri, cfg, ttl, mode = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+config = StorageConfig.from_dict(cfg) if cfg else None
+if mode == "keeper":
+    LeaseKeeper(uri, ttl=timedelta(seconds=ttl), storage_config=config).__enter__()
+else:
+    acquire(uri, ttl=timedelta(seconds=ttl), storage_config=config)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder_process():
+    """Start a separate Python process that takes the lease (``mode`` acquire: once; keeper: and renews
+    it) and reports once it holds it. Processes still running at teardown are killed."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+
+    def start(uri: str, config: StorageConfig | None, ttl_s: float, mode: str = "acquire") -> subprocess.Popen:
+        cfg = json.dumps(config.to_dict() if config is not None else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER_SCRIPT, uri, cfg, str(ttl_s), mode],
+            stdout=subprocess.PIPE, text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip(), "the holder process did not take the lease"
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _sigkill(proc, reap: bool = True) -> None:
+    """SIGKILL a holder; without ``reap`` it stays a zombie (killed, not yet waited for by its parent)."""
+    import signal
+
+    os.kill(proc.pid, signal.SIGKILL)
+    if reap:
+        proc.wait()
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return
+        time.sleep(0.01)
+    raise AssertionError("the killed holder did not become a zombie")
+
+
+def _record(uri: str, config: StorageConfig | None) -> dict:
+    return json.loads(storage.read_bytes(uri, config))
+
+
+def _rewrite(uri: str, config: StorageConfig | None, **process: object) -> dict:
+    """Change fields of the stored lease's holder process (a fixture's stand-in for another holder)."""
+    body = _record(uri, config)
+    body["process"] = {**body["process"], **process}
+    storage.write_bytes(uri, json.dumps(body).encode(), config)
+    return body
+
+
+@pytest.mark.parametrize("reap", [True, False], ids=["reaped", "zombie"])
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(target: Target, holder_process, reap: bool) -> None:
+    uri, config = target
+    proc = holder_process(uri, config, ttl_s=3600)
+    with pytest.raises(LeaseHeld):
+        acquire(uri, holder="rerun", storage_config=config)  # alive: never displaced
+    _sigkill(proc, reap=reap)
+    lease = acquire(uri, holder="rerun", storage_config=config)  # at once, an hour before it expires
+    assert _holder_now(uri, config) == "rerun"
+    release(lease)
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_holder(target: Target, holder_process) -> None:
+    """The record names the holder's process start time: another process with the same pid is not it."""
+    uri, config = target
+    proc = holder_process(uri, config, ttl_s=3600)
+    stored = _record(uri, config)["process"]
+    assert stored["pid"] == proc.pid and stored["start"] > 0
+    _rewrite(uri, config, start=stored["start"] + 1)  # the same pid, another process
+    lease = acquire(uri, holder="rerun", storage_config=config)
+    assert _holder_now(uri, config) == "rerun"
+    release(lease)
+
+
+def test_a_dead_holder_on_another_host_lapses_only_with_its_ttl(target: Target, holder_process) -> None:
+    uri, config = target
+    proc = holder_process(uri, config, ttl_s=3600)
+    _sigkill(proc)
+    # The same pid number on another host (or kernel, or pid namespace) says nothing about our pids.
+    for other in ({"host": "other-pod-7"}, {"boot_id": "00000000-0000-0000-0000-000000000000"}, {"pid_ns": "pid:[1]"}):
+        _rewrite(uri, config, **other)
+        expires_at = datetime.fromisoformat(_record(uri, config)["expires_at"].replace("Z", "+00:00"))
+        with pytest.raises(LeaseHeld):
+            acquire(uri, holder="rerun", storage_config=config, now=expires_at - timedelta(seconds=1))
+    lease = acquire(uri, holder="rerun", storage_config=config, now=expires_at)
+    assert _holder_now(uri, config) == "rerun"
+    release(lease)
+
+
+def test_a_live_renewing_holder_is_never_displaced(target: Target, holder_process, monkeypatch) -> None:
+    """A keeper in another process renewing a 3 s lease keeps it for more than three TTLs, as seen from
+    this host and from another one (where only its renewals keep it); killed, it is taken over at once."""
+    from ichd_ray import lease as lease_module
+
+    uri, config = target
+    ttl = 3.0
+    proc = holder_process(uri, config, ttl_s=ttl, mode="keeper")
+    holder = _holder_now(uri, config)
+    here = lease_module.this_process()
+    elsewhere = dataclasses.replace(here, host="other-pod-7")
+    deadline = time.monotonic() + 3.5 * ttl
+    tries = 0
+    while time.monotonic() < deadline:
+        for identity in (here, elsewhere):
+            monkeypatch.setattr(lease_module, "this_process", lambda identity=identity: identity)
+            with pytest.raises(LeaseHeld):
+                acquire(uri, holder="intruder", ttl=timedelta(seconds=ttl), storage_config=config)
+            tries += 1
+        time.sleep(0.25)
+    monkeypatch.setattr(lease_module, "this_process", lambda: here)
+    assert tries > 10 and _holder_now(uri, config) == holder
+    assert _record(uri, config)["renewed_at"] > _record(uri, config)["acquired_at"]
+    _sigkill(proc)
+    lease = acquire(uri, holder="rerun", storage_config=config)
+    release(lease)
+
+
+def test_keeper_renews_every_third_of_its_ttl() -> None:
+    keeper = LeaseKeeper("unused/_lease.json", ttl=timedelta(seconds=9))
+    assert keeper.interval == pytest.approx(3.0)
+
+
+# ----------------------------------------------------------------------------- lost responses
+#
+# A conditional request whose response is lost may have landed. botocore retries it (the retry then
+# fails its condition against our own write), or gives up, and the lease module tries again later: in
+# both cases finding our own holder id and nonce in the lease means we hold it.
+
+
+def _botocore_attempts(config: StorageConfig) -> int:
+    """How many times storage's botocore client sends one request at most (botocore's ``max_attempts``
+    option counts the retries after the first)."""
+    return storage.boto3_client(config).meta.config.retries["total_max_attempts"]
+
+
+@pytest.fixture
+def lost_responses(s3_bucket: tuple[str, StorageConfig], monkeypatch: pytest.MonkeyPatch):
+    """``drop(method, key, n)``: the next ``n`` matching requests reach the server, but their responses
+    are lost (a connection closed after the request was processed). botocore retries them at once."""
+    import botocore.retries.standard
+    import urllib3
+    from botocore.exceptions import ConnectionClosedError
+
+    bucket, config = s3_bucket
+    client = storage.boto3_client(config)
+    http = urllib3.PoolManager()
+    pending: dict[tuple[str, str], int] = {}
+    seen: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount", lambda self, context: 0)
+
+    def handler(request, **kwargs):
+        method, path = request.method, request.url.split("?", 1)[0]
+        key = path.split(f"/{bucket}/", 1)[-1]
+        if pending.get((method, key), 0) <= 0:
+            return None
+        pending[(method, key)] -= 1
+        body = request.body.read() if hasattr(request.body, "read") else request.body
+        response = http.request(method, request.url, body=body, headers=dict(request.headers.items()), retries=False)
+        seen.append((method, key, response.status))
+        raise ConnectionClosedError(endpoint_url=request.url)
+
+    events = [f"before-send.s3.{op}" for op in ("PutObject", "DeleteObject")]
+    for event in events:
+        client.meta.events.register(event, handler)
+
+    class Faults:
+        def drop(self, method: str, key: str, n: int = 1) -> None:
+            pending[(method, key)] = pending.get((method, key), 0) + n
+
+        @property
+        def dropped(self) -> list[tuple[str, str, int]]:
+            return list(seen)
+
+    yield bucket, config, Faults(), _botocore_attempts(config)
+    for event in events:
+        client.meta.events.unregister(event, handler)
+
+
+def test_create_whose_every_response_was_lost_is_still_ours(lost_responses) -> None:
+    bucket, config, faults, attempts = lost_responses
+    uri = lease_uri(f"s3://{bucket}/out")
+    faults.drop("PUT", "out/_lease.json", n=attempts)  # every attempt botocore makes: it gives up
+    lease = acquire(uri, holder="run-a", storage_config=config)
+    assert [status for _, _, status in faults.dropped] == [200] + [412] * (attempts - 1)
+    assert _holder_now(uri, config) == "run-a"
+    renewed = renew(lease)  # the etag it holds is the stored one
+    release(renewed)
+    assert _holder_now(uri, config) is None
+
+
+def test_renewal_whose_every_response_was_lost_is_still_ours(lost_responses) -> None:
+    bucket, config, faults, attempts = lost_responses
+    uri = lease_uri(f"s3://{bucket}/out")
+    lease = acquire(uri, holder="run-a", storage_config=config)
+    faults.drop("PUT", "out/_lease.json", n=attempts)
+    with pytest.raises(Exception) as info:
+        renew(lease, now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert not isinstance(info.value, LeaseLost)  # we cannot know whether it landed: an error, not a loss
+    # The keeper tries again at its next interval with the etag it had; the write that did land is ours.
+    later = datetime.now(timezone.utc) + timedelta(seconds=2)
+    renewed = renew(lease, now=later)
+    assert _record(uri, config)["renewed_at"] == later.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    release(renewed)
+    assert _holder_now(uri, config) is None
+
+
+def test_keeper_survives_a_renewal_whose_responses_were_lost(lost_responses) -> None:
+    bucket, config, faults, attempts = lost_responses
+    uri = lease_uri(f"s3://{bucket}/out")
+    with LeaseKeeper(uri, holder="keeper", ttl=timedelta(seconds=3), interval=0.2, storage_config=config) as keeper:
+        faults.drop("PUT", "out/_lease.json", n=attempts)
+        deadline = time.monotonic() + 10
+        while len(faults.dropped) < attempts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)  # a few more renewals
+        assert keeper.lost is None
+        keeper.check()
+        assert _holder_now(uri, config) == "keeper"
+    assert _holder_now(uri, config) is None and keeper.lost is None
+
+
+def test_release_whose_response_was_lost(lost_responses) -> None:
+    bucket, config, faults, attempts = lost_responses
+    uri = lease_uri(f"s3://{bucket}/out")
+    lease = acquire(uri, holder="run-a", storage_config=config)
+    faults.drop("DELETE", "out/_lease.json", n=1)
+    release(lease)
+    assert [status for _, _, status in faults.dropped] == [204]
+    assert _holder_now(uri, config) is None
