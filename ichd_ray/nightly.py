@@ -318,7 +318,6 @@ def nightly(
     storage_config: storage.StorageConfig | None = None,
     now: dt.datetime | None = None,
     progress: bool = False,
-    fault_marker: str | None = None,
 ) -> NightlyResult:
     """One night (Ray must be initialised). Raises :class:`ichd_ray.lease.LeaseHeld` when another run
     holds OUT's lease; a dry run takes no lease and writes nothing. The lease is a heartbeat: ``lease_ttl``
@@ -359,7 +358,7 @@ def nightly(
         scored = plan.plan.assign(run_id=plan.run_id, model_version=plan.model_version)[SCORED_SCHEMA.names]
         summary = score_job(
             None, bundle_uri, out_uri, job=job, run_id=plan.run_id, manifest_uri=manifest_uri, progress=progress,
-            storage_config=sc, fault_marker=fault_marker,
+            storage_config=sc,
             extra_tables=lambda done: {
                 "index": pa.Table.from_pandas(plan.index.assign(run_id=plan.run_id)[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False),
                 # Only studies that got a prediction count as scored: a failed one stays due.

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -161,8 +160,6 @@ class StudyScoringActor:
         input_size: image side the decode stage produced.
         channels: windows per image.
         write_embeddings: also return fold ``0``'s float16 embeddings.
-        fault_marker: test hook: if set and the file does not exist, create it and exit the process
-            (a worker killed mid-run, once).
     """
 
     def __init__(
@@ -174,7 +171,6 @@ class StudyScoringActor:
         input_size: int,
         channels: int,
         write_embeddings: bool = False,
-        fault_marker: str | None = None,
     ) -> None:
         import torch
 
@@ -190,14 +186,10 @@ class StudyScoringActor:
         self.scorer = StudyScorer(self.bundle, device=device, cnn_chunk=cnn_chunk)
         self.size, self.channels = input_size, channels
         self.write_embeddings = write_embeddings
-        self.fault_marker = fault_marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ichd_ray.models.inference import StudyInput
 
-        if self.fault_marker and not os.path.exists(self.fault_marker):
-            open(self.fault_marker, "w").close()
-            os._exit(1)  # simulate a node/actor dying mid-batch
         rows = batch.drop_columns(["images"]).to_pylist()
         images = batch.column("images")  # read in place: to_pylist would copy every study's pixels
         inputs = {
@@ -365,7 +357,6 @@ def score_job(
     manifest_uri: str | None = None,
     progress: bool = False,
     storage_config: storage.StorageConfig | None = None,
-    fault_marker: str | None = None,
     extra_tables: Callable[[set[str]], dict[str, pa.Table]] | None = None,
     max_reject_fraction: float | None = None,
     kind: str = "score",
@@ -386,7 +377,6 @@ def score_job(
         progress: Ray Data progress bars.
         storage_config: the driver's storage settings (default: ``job.storage`` + environment);
             workers get them without credentials and use their own environment's.
-        fault_marker: test hook, see :class:`StudyScoringActor`.
         extra_tables: called with the study UIDs that were scored; returns more tables
             (``{name: table}``) to write under this attempt, committed with the run (the nightly job's
             ``index`` and ``scored``).
@@ -479,7 +469,6 @@ def score_job(
                 "input_size": size,
                 "channels": len(windows),
                 "write_embeddings": cfg.write_embeddings,
-                "fault_marker": fault_marker,
             },
             compute=ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.cpus_per_actor,

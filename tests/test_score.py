@@ -1,10 +1,12 @@
 """End to end on local Ray (2 CPUs): synth -> model init -> index -> score -> Parquet -> DuckDB."""
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import shutil
+import threading
 
 import numpy as np
 import pandas as pd
@@ -141,9 +143,10 @@ def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing
     first = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
     before = query(str(out), "SELECT sop_uid, p_any, p_subdural FROM slices ORDER BY sop_uid")
 
-    marker = tmp_path / "killed-once"
-    second = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly", fault_marker=str(marker))
-    assert marker.exists(), "the fault hook did not fire"
+    # SIGKILL the scoring actor's process once it is up: Ray Data restarts it and retries its batch
+    with kill_once("StudyScoringActor") as killed:
+        second = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
+    assert killed, "the scoring actor was never found to kill"
     assert second.attempt != first.attempt and second.status == "succeeded"
     after = query(str(out), "SELECT sop_uid, p_any, p_subdural FROM slices ORDER BY sop_uid")
     pd.testing.assert_frame_equal(before, after, check_exact=False, rtol=1e-5)
@@ -152,6 +155,39 @@ def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing
         attempts = {p.name for p in (out / table / "run_id=nightly").iterdir()}
         assert attempts == {f"attempt={second.attempt}"}
     assert query(str(out), "SELECT count(*) AS n FROM runs")["n"].iloc[0] == 1
+
+
+@contextlib.contextmanager
+def kill_once(name: str, after_s: float = 0.5):
+    """SIGKILL the first worker of this session's Ray whose process title names ``name`` (a fault from
+    the test, not a hook in production code); yields the list the killed pid is appended to."""
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def hunt():
+        while not stop.is_set() and not killed:
+            for proc in raylet.children(recursive=True):
+                try:
+                    if name in " ".join(proc.cmdline()):
+                        stop.wait(after_s)  # let it get going
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+            stop.wait(0.1)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def test_uncommitted_attempt_is_invisible(ray_session, dataset):
