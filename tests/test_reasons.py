@@ -1,7 +1,11 @@
 """The reason table: every code mapped to fault / selection / skip; the failed-run rule counts faults."""
 
+import re
+from pathlib import Path
+
 import pytest
 
+from ichd_ray.dicom import REJECT_REASONS
 from ichd_ray.reasons import ALL_REASONS, OUTCOMES, REASON_CLASS, count_outcomes, reason_class
 from ichd_ray.score import run_problems
 
@@ -40,3 +44,12 @@ def test_faults_over_the_limit_fail_the_run_and_say_so():
     assert "6 faults of 100 inputs (6.0%) > max 5.0%" in problems[0]
     assert "truncated 4" in problems[0] and "other_series" not in problems[0]
     assert run_problems(100, 44, errors, max_reject_fraction=0.06) == []
+
+
+def test_readme_shows_the_table_as_it_is():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (fault|selection|skip) \|", section, flags=re.M)
+    assert dict(rows) == REASON_CLASS and len(rows) == len(REASON_CLASS)
+    # the DICOM reader's reasons in the order it checks them
+    assert [code for code, _ in rows if code in REJECT_REASONS] == list(REJECT_REASONS)
