@@ -156,9 +156,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reset()  # upstream applied the write; the client never gets the answer
         self.send_response(status, reason)
         for key, value in headers:
-            if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+            # HEAD: the upstream's Content-Length is the object's size, not this empty body's
+            if key.lower() not in _HOP_BY_HOP and (key.lower() != "content-length" or self.command == "HEAD"):
                 self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)

@@ -120,3 +120,27 @@ def test_a_read_only_bucket_fails_clearly_with_nothing_visible(ray_session, s3_s
     summary = score_job(archive, bundle, out, job=JOB, run_id="ro", storage_config=s3_server.config)
     assert summary.status == "succeeded"
     pd.testing.assert_frame_equal(_relative(query(out, SLICES, s3_server.config), archive), clean[SLICES])
+
+
+def test_nightly_through_faults_commits_what_a_clean_night_does(ray_session, s3_server, s3_inputs):
+    from ichd_ray.nightly import nightly
+
+    bucket, archive, bundle = s3_inputs
+    clean_out, faulty_out = f"s3://{bucket}/night-clean", f"s3://{bucket}/night-faulty"
+    run = dict(job=JOB, max_reject_fraction=0.5, lease_ttl=None)
+    clean_night = nightly(archive, bundle, clean_out, run_id="n1", storage_config=s3_server.config, **run)
+    assert clean_night.summary.status == "succeeded"
+    # lease puts, plan and index writes, DuckDB reads of the last commit: all through the faults
+    policy = FaultPolicy(rate=0.1, seed=11)
+    with FaultProxy(s3_server.endpoint_url, policy) as proxy:
+        faulty = nightly(archive, bundle, faulty_out, run_id="n1", storage_config=_through(proxy, s3_server.config), **run)
+        again = nightly(archive, bundle, faulty_out, run_id="n2", storage_config=_through(proxy, s3_server.config), **run)
+    print(f"nightly at fault rate {policy.rate}: {policy.requests} requests, injected {dict(policy.injected)}, "
+          f"retries counted {faulty.summary.storage_retries} + {again.summary.storage_retries}")
+    assert faulty.summary.status == "succeeded" and sum(policy.injected.values()) >= 3
+    assert again.plan.plan.empty and again.summary.status == "succeeded"  # the second night: nothing changed
+    for sql in (SLICES, STUDIES, ERRORS, "SELECT study_uid, n_slices, p_any FROM latest_studies ORDER BY study_uid"):
+        got = query(faulty_out, sql, s3_server.config)
+        want = query(clean_out, sql, s3_server.config)
+        pd.testing.assert_frame_equal(got, want)
+    assert not storage.exists(f"{faulty_out}/_lease.json", s3_server.config)  # released
