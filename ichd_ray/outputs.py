@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import os
 import uuid
 from importlib import resources
 from typing import Any
@@ -168,6 +169,9 @@ def remove_other_attempts(out_uri: str, run_id: str, keep: str, storage_config=N
             e.uri[len(prefix) :].lstrip("/").split("/", 1)[0]
             for e in storage.list_files(prefix, config=storage_config)
         }
+        scheme, path = storage.parse_uri(prefix)
+        if scheme == "file" and os.path.isdir(path):  # an attempt killed before its first file is a bare folder
+            attempts |= set(os.listdir(path))
         for name in sorted(attempts):
             if name.startswith("attempt=") and name != f"attempt={keep}":
                 deleted += storage.delete_prefix(storage.join(prefix, name), storage_config)

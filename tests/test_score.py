@@ -143,6 +143,8 @@ def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing
     first = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
     before = query(str(out), "SELECT sop_uid, p_any, p_subdural FROM slices ORDER BY sop_uid")
 
+    # a run killed right after its attempt folder appeared left nothing else
+    (out / "slices" / "run_id=nightly" / "attempt=killed-early").mkdir()
     # SIGKILL the scoring actor's process once it is up: Ray Data restarts it and retries its batch
     with kill_once("StudyScoringActor") as killed:
         second = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
