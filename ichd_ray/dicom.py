@@ -3,10 +3,41 @@
 One parse per file. The header is read with pydicom up to the pixel data; the pixel data element is
 then located in the original bytes, so uncompressed pixels are a zero-copy ``np.frombuffer`` view and
 nothing a header merely claims is ever allocated. Compressed (encapsulated) pixel data is walked item by
-item (truncation is caught there) and handed to pydicom's decoders (pylibjpeg, openjpeg, libjpeg, CharLS).
+item (truncation is caught there), its codestream header (JPEG SOF, JPEG 2000 SIZ, RLE segment table)
+is checked against Rows x Columns, and only then is it handed to pydicom's decoders (pylibjpeg,
+openjpeg, libjpeg, CharLS).
 
 Every file that cannot be scored raises :class:`DicomError` with a stable ``reason`` code, checked in
-the order of :data:`REJECT_REASONS`. PatientID leaves this module only as a salted hash.
+the order of :data:`REJECT_REASONS`. PatientID leaves this module only as a salted hash; no message
+quotes a value that overlaps a patient-identifying element, and pydicom's own log records (which
+quote raw values) are dropped while this module reads.
+
+Header rule (``bad_header``): nothing the pipeline needs is defaulted. Required: the three UIDs
+(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID: one non-empty value of printable characters;
+not PS3.5's digits-and-dots, since anonymizers write hashes), Rows, Columns, BitsAllocated,
+BitsStored, PixelRepresentation (0 or 1), SamplesPerPixel, RescaleSlope (non-zero), RescaleIntercept,
+ImagePositionPatient (3 values) and ImageOrientationPatient (6 values, a non-degenerate normal), each
+finite. Absent, empty, the wrong number of values, an explicit VR other than the dictionary's (or UN),
+or a value that does not parse rejects the file with a message naming the attribute and why. So an
+accepted slice always has a ``position``. Parsing is DICOM's, not Python's: a DS matches PS3.5's
+decimal string (``float()`` would also take ``nan``, ``inf`` and ``1_0``), an IS its integer string
+(``7.0`` tolerated, as pydicom does) within 32 bits.
+
+Optional attributes we use (InstanceNumber, SliceThickness, PixelSpacing (2 positive values),
+NumberOfFrames, PhotometricInterpretation): absent or empty reads as None; *present but garbled is
+rejected too*, deliberately. A garbled value is evidence of a corrupted header, and reading it as
+"absent" would change series selection (thickness), ordering ties (InstanceNumber) or the frame
+count without a trace; a rejection is counted and names the attribute, and an attribute can be
+relaxed when a real archive shows a harmless quirk. PhotometricInterpretation, when present, must be
+MONOCHROME1/2 (other defined values: ``decode_error``, not a CT we can score); absent is accepted
+because HU do not depend on it (pydicom's decoders still need it for compressed data). Attributes
+we do not use (WindowCenter, ...) are not read at all. Classification attributes (Modality,
+SOPClassUID, ImageType, TransferSyntaxUID) are read as text: a garbled value classifies as what it
+says (e.g. ``not_ct``); a transfer syntax that contradicts the pixel data's encoding is ``bad_header``.
+
+Selection reasons (localizer, derived, multi_frame) are checked before ``bad_header``: a scout or an
+Enhanced CT keeps its geometry elsewhere and is left out on purpose, not a fault. A garbled
+attribute that an earlier check needs (NumberOfFrames) is ``bad_header`` at that check.
 
 HU = stored x RescaleSlope + RescaleIntercept. The RSNA fix: some 12-bit unsigned images carry a
 RescaleIntercept > -100 although their values were written as ``HU mod 4096`` (air wraps to ~3000);
@@ -16,20 +47,24 @@ a widely used RSNA 2019 Kaggle kernel and is applied by default (``rsna_fix=Fals
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
 import io
+import logging
 import math
 import os
+import re
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -57,7 +92,8 @@ __all__ = [
 Source = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 #: Rejection codes in the order they are checked. ``duplicate`` and ``other_series`` come from the
-#: index stage (series selection), never from a single file.
+#: index stage (series selection), never from a single file. ``bad_header`` follows the selection
+#: reasons and ``no_pixel_data`` (module docstring).
 REJECT_REASONS: tuple[str, ...] = (
     "empty",
     "not_dicom",
@@ -67,6 +103,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "derived",
     "multi_frame",
     "no_pixel_data",
+    "bad_header",
     "pixel_size_mismatch",
     "missing_codec",
     "decode_error",
@@ -133,7 +170,7 @@ class SliceMeta:
     series_uid: str
     sop_uid: str
     patient_hash: str | None
-    position: float | None  # along the slice normal, mm (ImagePositionPatient . normal)
+    position: float  # along the slice normal, mm (ImagePositionPatient . normal); never None since bad_header
     instance_number: int | None
     pixel_spacing: tuple[float, float] | None
     slice_thickness: float | None
@@ -146,8 +183,8 @@ class SliceMeta:
     pixel_representation: int
     rescale_slope: float
     rescale_intercept: float
-    image_position: tuple[float, float, float] | None = None
-    image_orientation: tuple[float, ...] | None = None
+    image_position: tuple[float, float, float] | None = None  # always set by this module
+    image_orientation: tuple[float, ...] | None = None  # always set (6 values, non-degenerate)
     modality: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +212,50 @@ class ParsedDicom:
     encapsulated: bool
     meta: SliceMeta | None = None
     complete: bool = True  # False when parsed from a prefix: headers only, no decoding
+    pixel_vr: str | None = None  # the pixel data's explicit VR (None: implicit VR)
+
+
+# ------------------------------------------------------------------------------ pydicom quiet
+
+_READING = threading.local()
+
+
+class _WhileReading(logging.Filter):
+    """Drops pydicom's log records emitted while this module reads a file, in that thread only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_READING, "depth", 0)
+
+
+# pydicom logs (and warns) every invalid value it converts, quoted; in a corrupted file a quoted
+# value can hold patient identifiers (a bad length swallows the elements that follow), and Ray ships
+# worker logs to the driver. The reader reports through DicomError instead. Filters sit on the
+# loggers pydicom creates records on (a parent's filter does not see a child's records).
+for _logger in ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils"):
+    logging.getLogger(_logger).addFilter(_WhileReading())
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """No pydicom warnings or log records inside (other threads and callers are unaffected)."""
+    _READING.depth = getattr(_READING, "depth", 0) + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _READING.depth -= 1
+
+
+def _quietly(fn):
+    """Run ``fn`` under :func:`_quiet_pydicom` (every public reader that lets pydicom touch values)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _quiet_pydicom():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -228,68 +309,179 @@ def hash_patient_id(patient_id: str | None, salt: str | None = None) -> str | No
 # ----------------------------------------------------------------------------------- parsing
 
 
-_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "SH", "ST", "TM", "UI"}
+#: keyword -> (tag, dictionary VR) of every element this module reads.
+_ELEMENTS: dict[str, tuple[int, str]] = {
+    kw: (tag_for_keyword(kw), dictionary_VR(tag_for_keyword(kw)))  # type: ignore[arg-type]
+    for kw in (
+        "TransferSyntaxUID", "SOPClassUID", "Modality", "ImageType", "NumberOfFrames", "PatientID",
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber",
+        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+        "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+        "RescaleSlope", "RescaleIntercept", "PhotometricInterpretation",
+    )
+}
+# Patient-identifying elements: a value that overlaps one of theirs is never echoed in a message
+# (a corrupted length can make their bytes part of another element's value).
+_PHI_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00080050, 0x00101000, 0x00101001, 0x00101040)
+# DICOM's decimal and integer strings (PS3.5 6.2). Python's float() also takes "nan", "inf",
+# "1_000" and "\u0661": none of those is a DS, and each would slip through as a number.
+_DS = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")  # [0-9]: \d is any Unicode digit
+_IS = re.compile(r"[+-]?[0-9]{1,12}(?:\.0*)?\Z")  # "7.0" tolerated, as pydicom does
+# UIDs: printable ASCII without spaces. Not PS3.5's digits-and-dots: anonymizers write hashes
+# (pydicom's bad_sequence.dcm holds 64 hex digits) and those still identify a study uniquely.
+_UID = re.compile(r"[!-~]+\Z")
+_PRINTABLE = re.compile(r"[ -~]{0,32}\Z")
 
 
-def _raw_value(ds: pydicom.Dataset, keyword: str) -> Any:
-    """Decode a still-raw element ourselves: pydicom's generic conversion costs ~40 us per element
-    and the fast path reads ~20 of them per slice. Returns a str, a list of str, an int, or None;
-    anything unusual goes to pydicom (``NotImplemented``)."""
-    tag = tag_for_keyword(keyword)
-    elem = ds._dict.get(tag) if tag is not None else None
-    if elem is None:
-        return None
-    if not isinstance(elem, RawDataElement):
-        return NotImplemented
-    raw = elem.value
-    if raw is None:
-        return NotImplemented
-    vr = elem.VR or dictionary_VR(tag)
-    if vr in _TEXT_VRS:
-        parts = raw.decode("latin-1").strip("\x00 ").split("\\")
-        parts = [p.strip("\x00 ") for p in parts]
-        return parts[0] if len(parts) == 1 else parts
-    if vr == "US" and len(raw) == 2:
-        return struct.unpack("<H" if ds.original_encoding[1] is not False else ">H", raw)[0]
-    return NotImplemented
+def _text_values(value: Any) -> list[str]:
+    """Values of a text element: raw bytes split on backslash, or an already-converted pydicom value.
+    Padding (spaces, NULs) is stripped; an element holding only padding has no values."""
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("latin-1").strip("\x00 ")
+        return [p.strip("\x00 ") for p in text.split("\\")] if text else []
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    out = [str(v).strip("\x00 ") for v in items]
+    return [] if out == [""] else out
 
 
-def _value(ds: pydicom.Dataset, keyword: str, default: Any = None) -> Any:
-    """A header value, or ``default`` when missing or unreadable (bad VRs must not crash a job)."""
-    try:
-        value = _raw_value(ds, keyword)
-        if value is NotImplemented:
-            value = ds.get(keyword, default)
-    except Exception:
-        return default
-    return default if value is None or value == "" else value
+def _lenient_text(ds: pydicom.Dataset, keyword: str) -> list[str]:
+    """Text values for classification only (Modality, SOP class, ImageType, transfer syntax): no VR
+    check and nothing to parse, so nothing can fail; a garbled value classifies as what it says."""
+    elem = ds._dict.get(_ELEMENTS[keyword][0])
+    return [] if elem is None else _text_values(elem.value)
 
 
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    if isinstance(value, str):
-        value = [value]
-    try:
-        out = tuple(float(v) for v in value)
-    except Exception:
-        return None
-    return out if len(out) == n and all(np.isfinite(out)) else None
+class _Header:
+    """Typed reads of one dataset's elements. Distinguishes absent (None) from present; a present
+    value that does not parse raises ``bad_header`` naming the attribute and why.
+
+    Raw elements (all of them straight after ``dcmread``) are decoded here: pydicom's generic
+    conversion costs ~40 us per element and a slice reads ~20. Elements pydicom already converted
+    (file meta, a deflated dataset read whole) are read from their converted values.
+    """
+
+    __slots__ = ("ds", "name")
+
+    def __init__(self, ds: pydicom.Dataset, name: str) -> None:
+        self.ds, self.name = ds, name
+
+    def fail(self, keyword: str, why: str) -> DicomError:
+        return DicomError("bad_header", self.name, f"{keyword}: {why}")
+
+    def shown(self, value: str) -> str:
+        """``value`` quoted, when it is short printable text that overlaps no patient identifier."""
+        if not _PRINTABLE.match(value):
+            return f"({len(value)} characters)"
+        probe = value.strip().upper()
+        if len(probe) >= 3:
+            for tag in _PHI_TAGS:
+                elem = self.ds._dict.get(tag)
+                for phi in _text_values(elem.value) if elem is not None else ():
+                    phi = phi.upper()
+                    if len(phi) >= 3 and (phi in probe or probe in phi):
+                        return f"({len(value)} characters, overlaps a patient identifier: not shown)"
+        return repr(value)
+
+    def element(self, keyword: str) -> Any:
+        """The element, or None when absent; raises when its explicit VR is neither the dictionary
+        VR nor UN (UN is legal and is read with the dictionary VR, as pydicom does)."""
+        tag, want = _ELEMENTS[keyword]
+        elem = self.ds._dict.get(tag)
+        if elem is not None and elem.VR is not None and elem.VR not in (want, "UN"):
+            raise self.fail(keyword, f"VR {elem.VR!r}, expected {want}")
+        return elem
+
+    def texts(self, keyword: str, required: bool) -> list[str] | None:
+        elem = self.element(keyword)
+        if elem is None:
+            if required:
+                raise self.fail(keyword, "absent")
+            return None
+        values = _text_values(elem.value)
+        if not values:
+            if required:
+                raise self.fail(keyword, "empty value")
+            return None
+        return values
+
+    def uid(self, keyword: str) -> str:
+        """A required UID: present, one non-empty value of printable characters."""
+        elem = self.element(keyword)
+        if elem is None:
+            raise self.fail(keyword, "absent")
+        values = _text_values(elem.value)
+        if not values or values == [""]:
+            raise self.fail(keyword, "empty UID")
+        if len(values) != 1:
+            raise self.fail(keyword, f"has {len(values)} values, expected 1")
+        if not _UID.match(values[0]):
+            raise self.fail(keyword, f"unparseable value {self.shown(values[0])}")
+        return values[0]
+
+    def decimals(self, keyword: str, n: int, required: bool) -> tuple[float, ...] | None:
+        """Exactly ``n`` finite decimal strings (DS)."""
+        values = self.texts(keyword, required)
+        if values is None:
+            return None
+        if len(values) != n:
+            raise self.fail(keyword, f"has {len(values)} values, expected {n}")
+        out = []
+        for v in values:
+            if not _DS.match(v):
+                raise self.fail(keyword, f"unparseable value {self.shown(v)}")
+            f = float(v)
+            if not math.isfinite(f):
+                raise self.fail(keyword, f"non-finite value {self.shown(v)}")
+            out.append(f)
+        return tuple(out)
+
+    def integer(self, keyword: str) -> int | None:
+        """An optional integer string (IS), within DICOM's signed 32-bit range."""
+        values = self.texts(keyword, False)
+        if values is None:
+            return None
+        if len(values) != 1:
+            raise self.fail(keyword, f"has {len(values)} values, expected 1")
+        if not _IS.match(values[0]):
+            raise self.fail(keyword, f"unparseable value {self.shown(values[0])}")
+        out = int(values[0].split(".")[0])
+        if not -(2**31) <= out < 2**31:
+            raise self.fail(keyword, f"value {out} out of range")
+        return out
+
+    def ushort(self, keyword: str) -> int:
+        """A required unsigned short (US), one value."""
+        elem = self.element(keyword)
+        if elem is None:
+            raise self.fail(keyword, "absent")
+        value = elem.value
+        if isinstance(value, (bytes, bytearray)) or value is None:
+            raw = bytes(value or b"")
+            if not raw:
+                raise self.fail(keyword, "empty value")
+            if len(raw) % 2:
+                raise self.fail(keyword, f"unparseable value ({len(raw)} bytes, not unsigned shorts)")
+            little = getattr(elem, "is_little_endian", self.ds.original_encoding[1] is not False)
+            values = struct.unpack(("<" if little is not False else ">") + f"{len(raw) // 2}H", raw)
+        else:
+            values = tuple(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else (value,)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                raise self.fail(keyword, "unparseable value (not an unsigned short)")
+        if len(values) != 1:
+            raise self.fail(keyword, f"has {len(values)} values, expected 1")
+        return int(values[0])
 
 
-def _float(value: Any, default: float | None = None) -> float | None:
-    try:
-        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-            value = value[0]
-        out = float(value)
-    except Exception:
-        return default
-    return out if np.isfinite(out) else default
-
-
-def _int(value: Any, default: int | None = None) -> int | None:
-    try:
-        return int(value)
-    except Exception:
-        return default
+def _pixel_format(h: _Header) -> tuple[int, int, int, int, int]:
+    """Rows, Columns, BitsAllocated, BitsStored, PixelRepresentation (all required, US)."""
+    rows, cols = h.ushort("Rows"), h.ushort("Columns")
+    bits_allocated, bits_stored = h.ushort("BitsAllocated"), h.ushort("BitsStored")
+    representation = h.ushort("PixelRepresentation")
+    if representation not in (0, 1):
+        raise h.fail("PixelRepresentation", f"invalid value {representation} (0 or 1)")
+    return rows, cols, bits_allocated, bits_stored, representation
 
 
 def _looks_like_raw_dataset(data: bytes) -> bool:
@@ -329,6 +521,7 @@ def _walk_encapsulated(data: bytes, start: int, name: str) -> int:
         pos += 8 + length
 
 
+@_quietly
 def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = None) -> ParsedDicom:
     """Parse the header and locate the pixel data; raises ``empty``, ``not_dicom`` or ``truncated``.
 
@@ -346,16 +539,14 @@ def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = Non
     if not has_preamble and not _looks_like_raw_dataset(data):
         raise DicomError("not_dicom", name, "no DICM preamble and no DICOM element at the start")
     fp = io.BytesIO(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
-        except (InvalidDicomError, EOFError, struct.error) as exc:
-            reason = "truncated" if has_preamble and isinstance(exc, (EOFError, struct.error)) else "not_dicom"
-            raise DicomError(reason, name, f"unreadable header: {exc}") from None
-        except Exception as exc:  # pydicom raises many types on garbage
-            raise DicomError("not_dicom", name, f"unreadable header: {type(exc).__name__}: {exc}") from None
-    if not has_preamble and _value(ds, "SOPClassUID") is None and _value(ds, "Modality") is None:
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
+    except (InvalidDicomError, EOFError, struct.error) as exc:
+        reason = "truncated" if has_preamble and isinstance(exc, (EOFError, struct.error)) else "not_dicom"
+        raise DicomError(reason, name, f"unreadable header: {exc}") from None
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise DicomError("not_dicom", name, f"unreadable header: {type(exc).__name__}: {exc}") from None
+    if not has_preamble and not _lenient_text(ds, "SOPClassUID") and not _lenient_text(ds, "Modality"):
         raise DicomError("not_dicom", name, "no SOPClassUID or Modality in header")
     try:
         _check_raw_lengths(ds, name)
@@ -366,7 +557,7 @@ def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = Non
             raise IncompleteHeader(name, len(data)) from None
         raise
 
-    meta_ts = _value(ds.file_meta, "TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+    meta_ts = (_lenient_text(ds.file_meta, "TransferSyntaxUID") or [None])[0] if getattr(ds, "file_meta", None) else None
     is_implicit, is_little = ds.original_encoding
     if meta_ts is None:
         meta_ts = (
@@ -376,7 +567,7 @@ def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = Non
         )
     ts = UID(str(meta_ts))
 
-    pixel_offset = pixel_length = None
+    pixel_offset = pixel_length = pixel_vr = None
     encapsulated = False
     pos, n = fp.tell(), len(data)
     if prefix and (pos >= n or n - pos < 12 or ts == pydicom.uid.DeflatedExplicitVRLittleEndian):
@@ -402,6 +593,7 @@ def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = Non
                 if n - pos < 12:
                     raise DicomError("truncated", name, "pixel data element header cut off")
                 (length,), header = struct.unpack_from(endian + "I", data, pos + 8), 12
+                pixel_vr = data[pos + 4 : pos + 6].decode("latin-1")
             pixel_offset = pos + header
             if length == 0xFFFFFFFF:
                 encapsulated = True
@@ -413,16 +605,14 @@ def parse_dicom(data: bytes, name: str = "<bytes>", total_size: int | None = Non
                 pixel_length = length
         elif tag in _FLOAT_PIXEL_TAGS:
             pixel_offset = None  # float pixel data: not a CT image; reported as no_pixel_data
-    return ParsedDicom(name, data, ds, ts, pixel_offset, pixel_length, encapsulated, complete=not prefix)
+    return ParsedDicom(name, data, ds, ts, pixel_offset, pixel_length, encapsulated, complete=not prefix, pixel_vr=pixel_vr)
 
 
 def _full_read(data: bytes, name: str) -> pydicom.Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return pydicom.dcmread(io.BytesIO(data), force=True)
-        except Exception as exc:
-            raise DicomError("decode_error", name, f"{type(exc).__name__}: {exc}") from None
+    try:  # under parse_dicom's _quiet_pydicom
+        return pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise DicomError("decode_error", name, f"{type(exc).__name__}: {exc}") from None
 
 
 def slice_normal(orientation: tuple[float, ...] | None) -> tuple[float, float, float] | None:
@@ -437,91 +627,128 @@ def slice_normal(orientation: tuple[float, ...] | None) -> tuple[float, float, f
     return None if norm <= 1e-6 else (normal[0] / norm, normal[1] / norm, normal[2] / norm)
 
 
-def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None, hash_patient: bool = True) -> SliceMeta:
-    ipp = _floats(_value(ds, "ImagePositionPatient"), 3)
-    iop = _floats(_value(ds, "ImageOrientationPatient"), 6)
-    position = None
-    if ipp is not None:
-        normal = slice_normal(iop)
-        position = ipp[2] if normal is None else sum(p * v for p, v in zip(ipp, normal))
-    spacing = _floats(_value(ds, "PixelSpacing"), 2)
-    raw_type = _value(ds, "ImageType") or ()
-    if isinstance(raw_type, str):
-        raw_type = raw_type.split("\\")
-    image_type = tuple(str(v).strip().upper() for v in raw_type)
-    bits_allocated = _int(_value(ds, "BitsAllocated"), 16)
-    return SliceMeta(
-        study_uid=str(_value(ds, "StudyInstanceUID", "")),
-        series_uid=str(_value(ds, "SeriesInstanceUID", "")),
-        sop_uid=str(_value(ds, "SOPInstanceUID", "")),
-        patient_hash=hash_patient_id(_value(ds, "PatientID"), salt) if hash_patient else None,
-        position=position,
-        instance_number=_int(_value(ds, "InstanceNumber")),
+def _slice_meta(ds: pydicom.Dataset, ts: UID, salt: str | None, hash_patient: bool, name: str) -> tuple[SliceMeta, int]:
+    """Every header field the pipeline uses, each parsed strictly (module docstring: the rule), and
+    SamplesPerPixel (checked by :func:`_check_pixels`, not kept)."""
+    h = _Header(ds, name)
+    study_uid, series_uid, sop_uid = h.uid("StudyInstanceUID"), h.uid("SeriesInstanceUID"), h.uid("SOPInstanceUID")
+    rows, cols, bits_allocated, bits_stored, representation = _pixel_format(h)
+    samples = h.ushort("SamplesPerPixel")
+    slope = h.decimals("RescaleSlope", 1, True)[0]  # type: ignore[index]
+    if slope == 0:
+        raise h.fail("RescaleSlope", "is 0 (every pixel would read as the intercept)")
+    intercept = h.decimals("RescaleIntercept", 1, True)[0]  # type: ignore[index]
+    ipp = h.decimals("ImagePositionPatient", 3, True)
+    iop = h.decimals("ImageOrientationPatient", 6, True)
+    normal = slice_normal(iop)
+    if normal is None:
+        raise h.fail("ImageOrientationPatient", "degenerate orientation (row x column direction is zero)")
+    spacing = h.decimals("PixelSpacing", 2, False)
+    if spacing is not None and not (spacing[0] > 0 and spacing[1] > 0):
+        raise h.fail("PixelSpacing", f"not positive: {spacing[0]:g}\\{spacing[1]:g}")
+    thickness = h.decimals("SliceThickness", 1, False)
+    instance = h.integer("InstanceNumber")
+    image_type = tuple(v.upper() for v in _lenient_text(ds, "ImageType"))
+    patient = _lenient_text(ds, "PatientID") if hash_patient else []
+    modality = _lenient_text(ds, "Modality")
+    meta = SliceMeta(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        patient_hash=hash_patient_id("\\".join(patient), salt) if patient else None,
+        position=sum(p * v for p, v in zip(ipp, normal)),  # type: ignore[arg-type]
+        instance_number=instance,
         pixel_spacing=spacing,  # type: ignore[arg-type]
-        slice_thickness=_float(_value(ds, "SliceThickness")),
+        slice_thickness=thickness[0] if thickness else None,
         image_type=image_type,
         transfer_syntax=str(ts),
-        rows=_int(_value(ds, "Rows"), 0) or 0,
-        cols=_int(_value(ds, "Columns"), 0) or 0,
+        rows=rows,
+        cols=cols,
         bits_allocated=bits_allocated,
-        bits_stored=_int(_value(ds, "BitsStored"), bits_allocated),
-        pixel_representation=_int(_value(ds, "PixelRepresentation"), 0),
-        rescale_slope=_float(_value(ds, "RescaleSlope"), 1.0) or 1.0,
-        rescale_intercept=_float(_value(ds, "RescaleIntercept"), 0.0),
+        bits_stored=bits_stored,
+        pixel_representation=representation,
+        rescale_slope=slope,
+        rescale_intercept=intercept,
         image_position=ipp,  # type: ignore[arg-type]
         image_orientation=iop,
-        modality=_value(ds, "Modality"),
+        modality=modality[0] if modality else None,
     )
+    return meta, samples
 
 
 def check_header(parsed: ParsedDicom, salt: str | None = None, *, hash_patient: bool = True) -> SliceMeta:
     """Header-level rejections, in order: not_ct, localizer, derived, multi_frame, no_pixel_data,
-    pixel_size_mismatch, missing_codec. Sets and returns ``parsed.meta``.
+    bad_header, pixel_size_mismatch, missing_codec. Sets and returns ``parsed.meta``.
 
-    ``hash_patient=False`` leaves ``patient_hash`` empty (the pixel path never needs it)."""
-    with warnings.catch_warnings():  # pydicom warns on every odd value it converts
-        warnings.filterwarnings("ignore", module="pydicom")
+    Args:
+        parsed: from :func:`parse_dicom` (a prefix is enough).
+        salt: PatientID salt (default ``ICHD_PATIENT_SALT``).
+        hash_patient: False leaves ``patient_hash`` empty (the pixel path never needs it).
+
+    Raises:
+        DicomError: ``bad_header`` names the attribute and why (module docstring: the rule).
+    """
+    with _quiet_pydicom():
         return _check_header(parsed, salt, hash_patient)
 
 
 def _check_header(parsed: ParsedDicom, salt: str | None, hash_patient: bool = True) -> SliceMeta:
     ds, name = parsed.dataset, parsed.name
-    modality = str(_value(ds, "Modality", "")).strip().upper()
-    sop_class = str(_value(ds, "SOPClassUID", "")).strip()
+    modality = (_lenient_text(ds, "Modality") or [""])[0].upper()
+    sop_class = (_lenient_text(ds, "SOPClassUID") or [""])[0]
+    h = _Header(ds, name)
     if modality and modality != "CT":
-        raise DicomError("not_ct", name, f"Modality {modality}")
+        raise DicomError("not_ct", name, f"Modality {h.shown(modality)}")
     if sop_class and sop_class not in CT_SOP_CLASSES:
-        label = UID(sop_class).name if sop_class else "none"
-        raise DicomError("not_ct", name, f"SOP class {label}")
+        raise DicomError("not_ct", name, f"SOP class {_uid_label(h, sop_class)}")
     if not modality and not sop_class:
         raise DicomError("not_ct", name, "no Modality and no SOP class")
-    meta = _slice_meta(ds, parsed.transfer_syntax, salt, hash_patient)
-    if _LOCALIZER_TOKENS & set(meta.image_type):
-        raise DicomError("localizer", name, "ImageType " + "\\".join(meta.image_type))
-    if meta.image_type and meta.image_type[0] == "DERIVED":
-        raise DicomError("derived", name, "ImageType " + "\\".join(meta.image_type))
-    frames = _int(_value(ds, "NumberOfFrames"), 1) or 1
-    if frames > 1 or sop_class in _ENHANCED_CT:
+    # Selection reasons before bad_header: a scout or an Enhanced CT keeps its geometry elsewhere
+    # (or not at all) and is left out on purpose, not a fault.
+    image_type = tuple(v.upper() for v in _lenient_text(ds, "ImageType"))
+    if _LOCALIZER_TOKENS & set(image_type):
+        raise DicomError("localizer", name, "ImageType " + h.shown("\\".join(image_type)))
+    if image_type and image_type[0] == "DERIVED":
+        raise DicomError("derived", name, "ImageType " + h.shown("\\".join(image_type)))
+    frames = h.integer("NumberOfFrames")
+    if frames is not None and frames < 0:
+        raise DicomError("bad_header", name, f"NumberOfFrames: negative value {frames}")
+    frames = frames or 1  # 0 or absent: one frame (as pydicom reads it)
+    if frames != 1 or sop_class in _ENHANCED_CT:
         raise DicomError("multi_frame", name, f"{frames} frames ({CT_SOP_CLASSES.get(sop_class, 'CT')})")
-    _check_pixels(parsed, meta)
+    if parsed.pixel_offset is None and parsed.pixel_length is None:
+        raise DicomError("no_pixel_data", name, "no (7FE0,0010) Pixel Data element")
+    meta, samples = _slice_meta(ds, parsed.transfer_syntax, salt, hash_patient, name)
+    _check_pixels(parsed, meta, samples, h)
     parsed.meta = meta
     return meta
 
 
-def _check_pixels(parsed: ParsedDicom, meta: SliceMeta) -> None:
-    name = parsed.name
-    if parsed.pixel_offset is None and parsed.pixel_length is None:
-        raise DicomError("no_pixel_data", name, "no (7FE0,0010) Pixel Data element")
-    spp = _int(_value(parsed.dataset, "SamplesPerPixel"), 1)
+def _uid_label(h: _Header, uid: str) -> str:
+    """A UID's registered name, else the UID itself as :meth:`_Header.shown` allows."""
+    known = pydicom.uid.UID_dictionary.get(uid)
+    return f"{known[0]} ({uid})" if known else h.shown(uid)
+
+
+def _check_pixels(parsed: ParsedDicom, meta: SliceMeta, samples: int, h: _Header) -> None:
+    name, ts = parsed.name, parsed.transfer_syntax
+    _check_pixel_vr(parsed)
+    # The transfer syntax must say how the pixel data is stored: an uncompressed syntax over
+    # encapsulated data (e.g. a file meta group that lost its TransferSyntaxUID, so the encoding
+    # was inferred) would read fragment bytes as pixels; a compressed one over native data has
+    # nothing to decode.
+    native = ts in _NATIVE_SYNTAXES or ts == pydicom.uid.DeflatedExplicitVRLittleEndian
+    if parsed.encapsulated and native:
+        raise DicomError(
+            "bad_header", name, f"TransferSyntaxUID: {_uid_label(h, ts)} is uncompressed, but the pixel data is encapsulated"
+        )
+    if not parsed.encapsulated and not native:
+        raise DicomError(
+            "bad_header", name, f"TransferSyntaxUID: {_uid_label(h, ts)} needs encapsulated pixel data, found native data"
+        )
     if meta.rows <= 0 or meta.cols <= 0 or meta.rows * meta.cols > MAX_PIXELS:
         raise DicomError("pixel_size_mismatch", name, f"header claims {meta.rows}x{meta.cols} pixels")
-    if spp != 1 or meta.bits_allocated not in (8, 16, 32) or not 0 < meta.bits_stored <= meta.bits_allocated:
-        raise DicomError(
-            "decode_error",
-            name,
-            f"unsupported pixel format: SamplesPerPixel {spp}, BitsAllocated {meta.bits_allocated}, "
-            f"BitsStored {meta.bits_stored} (monochrome CT expected)",
-        )
+    _check_format(h, samples, meta.bits_allocated, meta.bits_stored)
     if not parsed.encapsulated:
         expected = meta.rows * meta.cols * meta.bits_allocated // 8
         if parsed.pixel_length not in (expected, expected + 1):
@@ -541,7 +768,44 @@ def _check_pixels(parsed: ParsedDicom, meta: SliceMeta) -> None:
         raise DicomError(
             "missing_codec",
             name,
-            f"no decoder installed for transfer syntax {parsed.transfer_syntax.name} ({parsed.transfer_syntax})",
+            f"no decoder installed for transfer syntax {_uid_label(h, ts)}",
+        )
+
+
+_MONOCHROME = {"MONOCHROME1", "MONOCHROME2"}
+# Photometric interpretations DICOM defines: a CT in one of the others is valid DICOM we cannot score
+# (palette indices, colour samples); anything else is a garbled value.
+_PHOTOMETRIC = _MONOCHROME | {
+    "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+}
+
+
+def _check_pixel_vr(parsed: ParsedDicom) -> None:
+    """Pixel Data is OB or OW (OW over encapsulated data occurs: pydicom's explicit_VR-UN.dcm), or UN
+    with a defined length (a writer that did not know the tag). Any other VR is a garbled element
+    header (pydicom would read the value as text, a sequence or one short), and UN of undefined
+    length is by PS3.5 6.2.2 a sequence, not encapsulated pixel data."""
+    vr = parsed.pixel_vr
+    if vr not in (None, "OB", "OW", "UN") or (vr == "UN" and parsed.encapsulated):
+        how = " of undefined length" if vr == "UN" else ""
+        raise DicomError("bad_header", parsed.name, f"PixelData: VR {vr!r}{how}, expected OB or OW")
+
+
+def _check_format(h: _Header, samples: int, bits_allocated: int, bits_stored: int) -> None:
+    """A monochrome integer image. PhotometricInterpretation may be absent (HU do not depend on it:
+    MONOCHROME1 only inverts the display); present, it must be a real one, and monochrome."""
+    photometric = h.texts("PhotometricInterpretation", False)
+    if photometric is not None and (len(photometric) != 1 or photometric[0].upper() not in _PHOTOMETRIC):
+        shown = h.shown("\\".join(photometric))
+        raise h.fail("PhotometricInterpretation", f"unparseable value {shown}")
+    pi = photometric[0].upper() if photometric else None
+    if samples != 1 or bits_allocated not in (8, 16, 32) or not 0 < bits_stored <= bits_allocated or pi not in (None, *_MONOCHROME):
+        raise DicomError(
+            "decode_error",
+            h.name,
+            f"unsupported pixel format: SamplesPerPixel {samples}, BitsAllocated {bits_allocated}, "
+            f"BitsStored {bits_stored}, PhotometricInterpretation {pi or 'absent'} (monochrome CT expected)",
         )
 
 
@@ -579,40 +843,191 @@ def _correct_unused_bits(arr: np.ndarray, bits_stored: int, bits_allocated: int)
     return out
 
 
+@_quietly
 def decode_stored(parsed: ParsedDicom) -> np.ndarray:
-    """Stored pixel values (rows, cols) as signed/unsigned integers; a read-only view when uncompressed."""
+    """Stored pixel values (rows, cols) as signed/unsigned integers; a read-only view when uncompressed.
+
+    Compressed data is checked before any decoder sees it: the codestream's own dimensions must be
+    the header's (a header can claim 8192 x 8192 over a 512 x 512 stream, and pydicom allocates what
+    the header claims), and a JPEG 2000 stream must be framed so pydicom's parser cannot loop.
+
+    Args:
+        parsed: a whole file from :func:`parse_dicom`; :func:`check_header` need not have run (the
+            pixel format is then read here, strictly).
+    """
     if not parsed.complete:
         raise ValueError(f"{parsed.name}: parsed from a prefix; decoding needs the whole file")
-    meta = parsed.meta if parsed.meta is not None else _slice_meta(parsed.dataset, parsed.transfer_syntax, None, False)
     name = parsed.name
-    dtype = np.dtype(_DTYPES[(meta.bits_allocated, 1 if meta.pixel_representation else 0)])
+    if parsed.meta is not None:
+        meta = parsed.meta
+        rows, cols, bits_allocated, bits_stored = meta.rows, meta.cols, meta.bits_allocated, meta.bits_stored
+        representation = meta.pixel_representation
+    else:
+        h = _Header(parsed.dataset, name)
+        rows, cols, bits_allocated, bits_stored, representation = _pixel_format(h)
+        _check_format(h, h.ushort("SamplesPerPixel"), bits_allocated, bits_stored)
+        _check_pixel_vr(parsed)
+        if rows <= 0 or cols <= 0 or rows * cols > MAX_PIXELS:
+            raise DicomError("pixel_size_mismatch", name, f"header claims {rows}x{cols} pixels")
+    dtype = np.dtype(_DTYPES[(bits_allocated, representation)])
     if parsed.transfer_syntax in _NATIVE_SYNTAXES and parsed.pixel_offset is not None:
+        if parsed.pixel_length is None or parsed.pixel_length < rows * cols * dtype.itemsize:
+            raise DicomError("pixel_size_mismatch", name, f"pixel data holds {parsed.pixel_length} bytes")
         if parsed.transfer_syntax == pydicom.uid.ExplicitVRBigEndian:
             dtype = dtype.newbyteorder(">")
-        arr = np.frombuffer(parsed.data, dtype=dtype, count=meta.rows * meta.cols, offset=parsed.pixel_offset)
-        arr = arr.reshape(meta.rows, meta.cols)
+        arr = np.frombuffer(parsed.data, dtype=dtype, count=rows * cols, offset=parsed.pixel_offset)
+        arr = arr.reshape(rows, cols)
         if dtype.byteorder == ">":
             arr = arr.astype(dtype.newbyteorder("="))
-        return _correct_unused_bits(arr, meta.bits_stored, meta.bits_allocated)
+        return _correct_unused_bits(arr, bits_stored, bits_allocated)
 
     ds = parsed.dataset
     if parsed.encapsulated:
         end = _walk_encapsulated(parsed.data, parsed.pixel_offset, name)  # type: ignore[arg-type]
+        _check_codestream(parsed, end, rows, cols)
         ds = pydicom.Dataset(ds)  # shallow copy: leave the parsed header untouched
         ds.file_meta = parsed.dataset.file_meta
         ds.add_new(_PIXEL_DATA_TAG, "OB", parsed.data[parsed.pixel_offset : end])
         ds["PixelData"].is_undefined_length = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
+        arr = ds.pixel_array
     except Exception as exc:
         raise DicomError("decode_error", name, f"{parsed.transfer_syntax.name}: {type(exc).__name__}: {exc}") from None
-    if arr.shape != (meta.rows, meta.cols):
+    except BaseException as exc:
+        # A Rust decoder's panic surfaces as pyo3's PanicException, a BaseException (pylibjpeg-rle
+        # 2.2 panics on a segment that decodes past the frame). Anything else (KeyboardInterrupt,
+        # SystemExit, ...) is not about the file and propagates.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise DicomError("decode_error", name, f"{parsed.transfer_syntax.name}: decoder panicked: {exc}") from None
+    if arr.shape != (rows, cols):
+        raise DicomError("pixel_size_mismatch", name, f"decoded {arr.shape}, header says {rows}x{cols}")
+    # Native values are masked to BitsStored above; a decoder returns what the codestream holds. Values
+    # outside BitsStored mean header and codestream disagree (which one is right is unknowable), and
+    # callers (preprocess's window tables) rely on the range: one min/max, small beside a decode.
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if representation else (0, (1 << bits_stored) - 1)
+    low, high = int(arr.min()), int(arr.max())
+    if low < lo or high > hi:
         raise DicomError(
-            "pixel_size_mismatch", name, f"decoded {arr.shape}, header says {meta.rows}x{meta.cols}"
+            "decode_error", name,
+            f"decoded values span {low}..{high}, outside BitsStored {bits_stored} "
+            f"({'signed' if representation else 'unsigned'}: {lo}..{hi})",
         )
     return arr
+
+
+# Bytes of the frame's start read for its codestream header: every codec's header lies well within,
+# unless JPEG APPn segments (an ICC profile) come first; then the whole frame is read.
+_CODESTREAM_HEAD = 1 << 16
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+
+
+def _frame_head(data: bytes, start: int, end: int, limit: int = _CODESTREAM_HEAD) -> tuple[bytes, int, int]:
+    """The single frame's first bytes (fragments after the Basic Offset Table joined, up to
+    ``limit``), the first fragment's length, and the number of fragments."""
+    pos, parts, have, first, count = start, [], 0, -1, -1
+    while pos < end:  # items were validated by _walk_encapsulated
+        (length,) = struct.unpack_from("<I", data, pos + 4)
+        if count >= 0 and have < limit:
+            take = min(length, limit - have)
+            parts.append(data[pos + 8 : pos + 8 + take])
+            have += take
+        if count == 0:
+            first = length
+        count += 1
+        pos += 8 + length
+    return b"".join(parts), first, count
+
+
+def _jpeg_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG or JPEG-LS frame header (SOFn / SOF55); None if there is none."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos, n = 2, len(head)
+    while pos + 4 <= n:
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or a scan before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", head, pos + 2)
+        if length < 2:
+            return None
+        if marker in _JPEG_SOF:
+            if pos + 9 > n:
+                return None
+            return struct.unpack_from(">HH", head, pos + 5)  # type: ignore[return-value]
+        pos += 2 + length
+    return None
+
+
+def _j2k_size(head: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG 2000 SIZ segment, optionally inside a JP2 file; None if absent or
+    if a JP2 box is not plainly framed: pydicom 3.0's own box walk never advances past a box of
+    length 0 (and misreads one of length 1), so it must never be handed one."""
+    pos, n = 0, len(head)
+    if head.startswith(_JP2_SIGNATURE):
+        pos = 12
+        while True:
+            if pos + 8 > n:
+                return None
+            length, box = struct.unpack_from(">I", head, pos)[0], head[pos + 4 : pos + 8]
+            if length < 8:
+                return None
+            if box == b"jp2c":
+                pos += 8
+                break
+            pos += length
+    if head[pos : pos + 4] != b"\xff\x4f\xff\x51" or pos + 24 > n:
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", head, pos + 8)
+    return ysiz - yosiz, xsiz - xosiz
+
+
+def _check_codestream(parsed: ParsedDicom, end: int, rows: int, cols: int) -> None:
+    """Reject, before decoding, a compressed frame whose own header contradicts Rows x Columns or
+    cannot be found (every decoder we ship reads the same header and would fail on it)."""
+    ts, name = parsed.transfer_syntax, parsed.name
+    head, first, count = _frame_head(parsed.data, parsed.pixel_offset, end)  # type: ignore[arg-type]
+    if count < 1:
+        raise DicomError("decode_error", name, "encapsulated pixel data holds no fragment")
+    if ts == pydicom.uid.RLELossless:
+        # 64-byte header: segment count, 15 offsets. Each segment decodes to Rows x Columns bytes and
+        # PackBits turns 2 bytes into at most 128, so a segment's length bounds what it can hold.
+        if len(head) < 64 or first < 64:
+            raise DicomError("decode_error", name, "RLE header cut short")
+        nseg, *offsets = struct.unpack_from("<16I", head, 0)
+        bounds = [*offsets[:nseg], first] if 1 <= nseg <= 15 else []
+        if not bounds or bounds[0] != 64 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise DicomError("decode_error", name, f"RLE header: {nseg} segments at bad offsets")
+        shortest = min(b - a for a, b in zip(bounds, bounds[1:]))
+        if rows * cols > 64 * shortest + 128:
+            raise DicomError(
+                "pixel_size_mismatch", name, f"an RLE segment of {shortest} bytes cannot hold {rows}x{cols} pixels"
+            )
+        return
+    if ts in pydicom.uid.JPEG2000TransferSyntaxes:
+        parse, kind = _j2k_size, "JPEG 2000 SIZ"
+    elif ts in pydicom.uid.JPEGTransferSyntaxes or ts in pydicom.uid.JPEGLSTransferSyntaxes:
+        parse, kind = _jpeg_size, "JPEG frame header (SOF)"
+    else:
+        return  # no other codec is installed: missing_codec was raised by check_header
+    size = parse(head)
+    if size is None and len(head) == _CODESTREAM_HEAD:  # long APPn segments first: read it all
+        size = parse(_frame_head(parsed.data, parsed.pixel_offset, end, limit=len(parsed.data))[0])  # type: ignore[arg-type]
+    if size is None or size[1] <= 0 or size[0] < 0 or (size[0] == 0 and kind.startswith("JPEG 2000")):
+        raise DicomError("decode_error", name, f"no valid {kind} at the start of the pixel data")
+    if size[1] != cols or size[0] not in (0, rows):  # JPEG height 0: defined later (DNL)
+        raise DicomError(
+            "pixel_size_mismatch", name, f"codestream is {size[0]}x{size[1]}, header says {rows}x{cols}"
+        )
 
 
 def rsna_fix_applies(meta: SliceMeta) -> bool:

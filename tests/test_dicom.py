@@ -1,6 +1,7 @@
 import io
 import os
 import pickle
+import struct
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from ichd_ray.dicom import (
     read_header,
 )
 
-from dicom_factory import ct_bytes, ct_dataset, head_like, to_bytes
+from dicom_factory import (
+    ct_bytes,
+    ct_dataset,
+    delete_element,
+    find_span,
+    head_like,
+    replace_value,
+    set_length_field,
+    to_bytes,
+)
 
 
 def reason_of(source) -> str:
@@ -214,6 +224,8 @@ def test_every_reason_with_its_source_name(tmp_path):
     broken["PixelData"].VR = "OB"
     cases["decode_error"] = to_bytes(broken)
 
+    cases["bad_header"] = replace_value(good, "RescaleIntercept", b"-10x4")
+
     assert set(cases) == set(REJECT_REASONS) - {"duplicate", "other_series"}
     for expected, data in cases.items():
         path = tmp_path / f"{expected}.dcm"
@@ -337,3 +349,294 @@ def test_read_header_from_a_prefix_of_the_object():
     cut = ct_bytes(head_like(64))
     with pytest.raises(DicomError, match="truncated"):
         read_header(cut[:4096], total_size=len(cut) - 10)
+
+
+# ------------------------------------------------------------ required attributes (issue 9, item 1)
+
+# Every attribute the pipeline needs: absent or unparseable rejects the file as bad_header.
+REQUIRED = [
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+]
+
+
+def struct_us(value: int) -> bytes:
+    """An unsigned short value, little endian (the factory writes explicit VR little endian)."""
+    return struct.pack("<H", value)
+
+
+def bad_header(data: bytes) -> str:
+    """The message of the bad_header rejection of ``data`` (by load_slice and read_header alike)."""
+    with pytest.raises(DicomError) as info:
+        load_slice(data)
+    assert info.value.reason == "bad_header", info.value
+    with pytest.raises(DicomError) as again:
+        read_header(data)
+    assert (again.value.reason, again.value.message) == ("bad_header", info.value.message)
+    return info.value.message
+
+
+@pytest.mark.parametrize("keyword", REQUIRED)
+def test_missing_required_attribute_is_rejected(keyword):
+    message = bad_header(delete_element(ct_bytes(head_like(16)), keyword))
+    assert keyword in message and "absent" in message
+
+
+@pytest.mark.parametrize("keyword", REQUIRED)
+def test_empty_required_attribute_is_rejected(keyword):
+    message = bad_header(replace_value(ct_bytes(head_like(16)), keyword, b""))
+    assert keyword in message and ("empty" in message or "absent" in message)
+
+
+@pytest.mark.parametrize(
+    "keyword, value, why",
+    [
+        ("RescaleIntercept", b"-10x4", "unparseable value '-10x4'"),
+        ("RescaleIntercept", b"nan", "unparseable value 'nan'"),
+        ("RescaleIntercept", b"1e999", "non-finite"),
+        ("RescaleIntercept", b"-1024\\0", "2 values, expected 1"),
+        ("RescaleSlope", b"0", "is 0"),
+        ("RescaleSlope", b"0.0e5", "is 0"),
+        ("RescaleSlope", b"inf", "unparseable value 'inf'"),
+        ("RescaleSlope", b"1_0", "unparseable value '1_0'"),  # Python's float() would say 10.0
+        ("ImagePositionPatient", b"0\\0", "2 values, expected 3"),
+        ("ImagePositionPatient", b"0\\0\\ten", "unparseable value 'ten'"),
+        ("ImageOrientationPatient", b"1\\0\\0\\0\\1", "5 values, expected 6"),
+        ("ImageOrientationPatient", b"1\\0\\0\\1\\0\\0", "degenerate orientation"),
+        ("ImageOrientationPatient", b"0\\0\\0\\0\\0\\0", "degenerate orientation"),
+        ("StudyInstanceUID", b"1.2.\x01\xff", "unparseable value (6 characters)"),
+        ("SOPInstanceUID", b"\x00\x00", "empty"),
+        ("SeriesInstanceUID", b"  ", "empty"),
+    ],
+)
+def test_garbled_required_value_is_rejected(keyword, value, why):
+    message = bad_header(replace_value(ct_bytes(head_like(16)), keyword, value))
+    assert keyword in message and why in message, message
+
+
+@pytest.mark.parametrize(
+    "keyword, value, why",
+    [
+        ("Rows", b"\x10\x00\x10\x00", "2 values, expected 1"),
+        ("Columns", b"\x10", "unparseable"),  # odd length: not an unsigned short
+        ("PixelRepresentation", b"\x02\x00", "invalid value 2"),
+        ("BitsStored", b"", "empty"),
+    ],
+)
+def test_garbled_binary_value_is_rejected(keyword, value, why):
+    data = replace_value(ct_bytes(head_like(16)), keyword, value, pad=b"")
+    if len(value) % 2:  # replace_value pads to even: write the odd length by hand
+        span = find_span(data, keyword)
+        data = set_length_field(data[: span.value_start] + value + data[span.end :], span, len(value))
+    message = bad_header(data)
+    assert keyword in message and why in message, message
+
+
+def test_wrong_vr_for_a_required_attribute_is_rejected():
+    # RescaleIntercept "0 " re-labelled US reads as 8240 through pydicom: a VR is part of the value
+    data = ct_bytes(head_like(16), intercept=0)
+    span = find_span(data, "RescaleIntercept")
+    data = data[: span.start + 4] + b"US" + data[span.start + 6 :]
+    message = bad_header(data)
+    assert "RescaleIntercept" in message and "VR 'US'" in message
+
+
+def test_unknown_vr_un_is_read_with_the_dictionary_vr():
+    """explicit_VR-UN.dcm holds RescaleIntercept etc. as UN: legal, decoded with the dictionary VR."""
+    ct = load_slice(get_testdata_file("explicit_VR-UN.dcm"))
+    assert ct.meta.rescale_intercept == 0 and ct.meta.rescale_slope == 1 and ct.meta.position is not None
+
+
+def test_accepted_slices_always_have_a_position():
+    for source in (ct_bytes(head_like(16)), get_testdata_file("CT_small.dcm"), get_testdata_file("693_J2KR.dcm")):
+        meta = load_slice(source).meta
+        assert isinstance(meta.position, float) and meta.image_position is not None
+        assert meta.image_orientation is not None and len(meta.image_orientation) == 6
+
+
+@pytest.mark.parametrize("keyword", ["InstanceNumber", "SliceThickness", "PixelSpacing", "PatientID", "ImageType"])
+def test_optional_attribute_may_be_absent_or_empty(keyword):
+    good = ct_bytes(head_like(16))
+    field = {"InstanceNumber": "instance_number", "SliceThickness": "slice_thickness", "PixelSpacing": "pixel_spacing",
+             "PatientID": "patient_hash", "ImageType": "image_type"}[keyword]
+    for data in (delete_element(good, keyword), replace_value(good, keyword, b"")):
+        ct = load_slice(data)
+        assert getattr(ct.meta, field) in (None, ())
+        np.testing.assert_array_equal(ct.hu, load_slice(good).hu)
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("InstanceNumber", b"seven"), ("InstanceNumber", b"99999999999999999999"), ("SliceThickness", b"5mm"),
+     ("PixelSpacing", b"0.5"), ("PixelSpacing", b"0.5\\-0.5"), ("NumberOfFrames", b"x")],
+)
+def test_garbage_in_an_optional_attribute_we_use_is_rejected(keyword, value):
+    """Present means parseable: a garbled value is not silently read as 'absent' (module docstring)."""
+    ds = ct_dataset(head_like(16))
+    ds.NumberOfFrames = 1
+    message = bad_header(replace_value(to_bytes(ds), keyword, value))
+    assert keyword in message
+
+
+def test_tolerated_spellings_of_valid_values():
+    good = ct_bytes(head_like(16))
+    data = replace_value(good, "InstanceNumber", b" +7.0 ")  # integral IS written as a decimal
+    data = replace_value(data, "RescaleIntercept", b"-1.024E3")
+    data = replace_value(data, "SOPInstanceUID", b"1.2.3.44\x00", pad=b"\x00")
+    ct = load_slice(data)
+    assert (ct.meta.instance_number, ct.meta.rescale_intercept, ct.meta.sop_uid) == (7, -1024.0, "1.2.3.44")
+    np.testing.assert_array_equal(ct.hu, load_slice(good).hu)
+
+
+def test_bad_header_messages_never_hold_patient_identifiers():
+    ds = ct_dataset(head_like(16), patient_id="PHI-ID-4711")
+    ds.PatientName = "PHI^NAME"
+    ds.PatientBirthDate = "19010101"
+    ds.AccessionNumber = "PHI-ACC-42"
+    good = to_bytes(ds)
+    markers = ("PHI", "4711", "19010101")
+    for keyword in REQUIRED:
+        for value in (None, b"PHI-ID-4711", b"PHI^NAME", b"19010101\\0"):
+            data = delete_element(good, keyword) if value is None else replace_value(good, keyword, value)
+            if keyword.endswith("UID") and value is not None and b"\\" not in value:
+                continue  # printable, one value: a valid (if odd) UID, accepted
+            with pytest.raises(DicomError) as info:
+                load_slice(data)
+            assert info.value.reason == "bad_header"
+            assert not any(m in str(info.value) for m in markers), str(info.value)
+
+
+def test_localizer_or_multiframe_without_geometry_is_selected_out_not_a_fault():
+    """Scouts and enhanced multi-frame CTs keep geometry elsewhere: their selection reason comes first."""
+    data = delete_element(ct_bytes(head_like(16), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), "ImagePositionPatient")
+    assert reason_of(data) == "localizer"
+    assert reason_of(get_testdata_file("eCT_Supplemental.dcm")) == "derived"
+
+
+def test_compressed_header_claiming_other_dimensions_allocates_nothing():
+    import tracemalloc
+
+    ds = ct_dataset(head_like(64))
+    ds.compress(pydicom.uid.JPEG2000Lossless)
+    data = to_bytes(ds)
+    for rows, cols in ((8192, 8192), (65535, 65535), (64, 8192)):
+        claim = replace_value(replace_value(data, "Rows", struct_us(rows)), "Columns", struct_us(cols))
+        tracemalloc.start()
+        try:
+            with pytest.raises(DicomError) as info:
+                load_slice(claim)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert info.value.reason == "pixel_size_mismatch", info.value
+        assert peak < 8 << 20, f"{rows}x{cols}: peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.timeout(20)
+def test_jp2_box_of_length_zero_does_not_hang():
+    """pydicom 3.0.2's get_j2k_parameters loops forever on a JP2 box of length 0 (it never advances)."""
+    ds = ct_dataset(head_like(16))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x00ftyp" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    assert reason_of(to_bytes(ds)) == "decode_error"
+
+
+def test_rle_header_claiming_more_pixels_than_its_segments_can_hold():
+    ds = ct_dataset(head_like(64))
+    ds.compress(pydicom.uid.RLELossless, encoding_plugin="pylibjpeg")
+    data = to_bytes(ds)
+    claim = replace_value(replace_value(data, "Rows", struct_us(8192)), "Columns", struct_us(8192))
+    assert reason_of(claim) == "pixel_size_mismatch"
+
+
+def test_pydicom_log_records_never_carry_patient_identifiers(caplog):
+    """pydicom logs every invalid value it converts, quoted. A file meta element whose length was
+    corrupted swallows the patient elements that follow, and pydicom would log them (Ray ships
+    worker logs to the driver): nothing from pydicom is logged while this module reads a file."""
+    import logging
+
+    ds = ct_dataset(head_like(16), patient_id="PHI-ID-4711")
+    ds.PatientName = "PHI^NAME"
+    data = to_bytes(ds)
+    ts, pid = find_span(data, "TransferSyntaxUID"), find_span(data, "PatientID")
+    broken = set_length_field(data, ts, pid.end - ts.value_start)
+    with caplog.at_level(logging.DEBUG):
+        for source in (broken, data):
+            try:
+                load_slice(source)
+            except DicomError as exc:
+                assert "PHI" not in str(exc)
+    assert not [r for r in caplog.records if "PHI" in r.getMessage()], [r.getMessage()[:120] for r in caplog.records]
+    # the filter is scoped to this module's reads: pydicom still logs for everyone else
+    with caplog.at_level(logging.WARNING):
+        pydicom.config.logger.warning("outside the reader")
+    assert "outside the reader" in caplog.text
+
+
+def test_decoded_values_outside_bits_stored_are_rejected():
+    """Found by the fuzz: a JPEG-LS slice whose BitsStored was garbled to 1. The decoder returns the
+    codestream's 16-bit values; preprocess's window table assumed BitsStored and clipped them."""
+    from ichd_ray.preprocess import preprocess_slice
+
+    ds = ct_dataset(head_like(64))
+    ds.compress(pydicom.uid.JPEGLSLossless)
+    data = replace_value(to_bytes(ds), "BitsStored", struct_us(1), pad=b"")
+    assert reason_of(data) == "decode_error"
+    with pytest.raises(DicomError, match="outside BitsStored 1"):
+        preprocess_slice(data, 32)
+
+
+def test_jpeg_frame_header_after_long_app_segments_is_found():
+    """APPn segments (up to 64 KiB each) may precede the SOF marker: the size check reads on."""
+    ds = ct_dataset(head_like(64))
+    ds.compress(pydicom.uid.JPEGLSLossless)
+    plain = load_slice(to_bytes(ds)).hu
+    from pydicom.encaps import generate_fragmented_frames
+
+    frame = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    app = b"\xff\xe2" + (0xFFFF).to_bytes(2, "big") + bytes(0xFFFD)  # APP2, 64 KiB
+    ds.PixelData = encapsulate([frame[:2] + app * 2 + frame[2:]])
+    np.testing.assert_array_equal(load_slice(to_bytes(ds)).hu, plain)
+
+
+def test_rle_segment_decoding_past_its_end_is_a_decode_error():
+    """Found by bench/fuzz.py: pylibjpeg-rle panics (pyo3's PanicException, a BaseException, which
+    ``except Exception`` does not catch) when a segment decodes to more than Rows x Columns bytes."""
+    ds = ct_dataset(head_like(64))
+    run = b"\x81\x00"  # replicate the next byte 128 times
+    first, second = run * 32 + b"\x81\x07", run * 32  # 4224 bytes (128 too many), 4096 bytes
+    header = struct.pack("<16I", 2, 64, 64 + len(first), *([0] * 13))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    ds.PixelData = encapsulate([header + first + second])
+    ds["PixelData"].VR = "OB"
+    assert reason_of(to_bytes(ds)) == "decode_error"
+
+
+@pytest.mark.parametrize("vr", [b"UT", b"SQ", b"US", b"UN"])
+def test_garbled_pixel_data_vr_is_rejected(vr):
+    """Found by the fuzz: the reader trusted the pixel data's length whatever its VR, pydicom reads
+    the value as text / a sequence / one short. UN is fine over native data, not encapsulated."""
+    ds = ct_dataset(head_like(64))
+    ds.compress(pydicom.uid.JPEG2000Lossless)
+    for data in (ct_bytes(head_like(16)), to_bytes(ds)):
+        span = find_span(data, "PixelData")
+        data = data[: span.start + 4] + vr + data[span.start + 6 :]
+        if vr == b"UN" and b"\xff\xff\xff\xff" != data[span.length_at : span.length_at + 4]:
+            ct = load_slice(data)  # native UN: the dictionary VR (OW) applies
+            np.testing.assert_array_equal(ct.hu, load_slice(ct_bytes(head_like(16))).hu)
+            continue
+        with pytest.raises(DicomError, match="PixelData: VR") as info:
+            load_slice(data)
+        assert info.value.reason == "bad_header"
