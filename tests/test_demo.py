@@ -19,7 +19,9 @@ def test_demo_trains_scores_and_evaluates(ray_session, tmp_path, capsys):
     cfg = DemoConfig(out=str(tmp_path / "demo"), studies=6, slices=6, dicom_size=64, config=str(config), workers=1)
     summary = run_demo(cfg)
     assert summary.status == "succeeded" and summary.n_studies == 6
-    assert summary.reasons == {"empty": 1, "not_dicom": 1, "duplicate": 1}  # the truncated copy repeats a SOP UID
+    # the truncated copy repeats a SOP UID; the archive's three CSVs are skipped by suffix
+    assert summary.reasons == {"empty": 1, "not_dicom": 1, "duplicate": 1, "excluded": 3}
+    assert summary.outcomes == {"fault": 2, "selection": 1, "skip": 3}
     assert summary.n_inputs == summary.n_slices_scored + summary.n_rejected
     out = capsys.readouterr().out
     for text in ("[2/4] training", "prior-only baseline", "CNN + sequence", "run demo", "[4/4] evaluating", "ichd-ray results"):

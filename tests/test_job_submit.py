@@ -88,4 +88,6 @@ def test_ray_job_submit_scores(ray_head, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "run submitted" in result.stdout and "succeeded" in result.stdout
     run = read_run(str(out), "submitted")
-    assert run["status"] == "succeeded" and run["n_studies"] == 2 and run["n_rejected"] == 1
+    assert run["status"] == "succeeded" and run["n_studies"] == 2
+    # one bad file (a fault) and the generator's three CSVs (skipped by suffix)
+    assert (run["n_rejected"], run["n_faults"], run["n_skipped"]) == (4, 1, 3)
