@@ -16,7 +16,7 @@ Series selection per study (pure function :func:`select_series`, documented rule
    slices, then the lowest SeriesInstanceUID; the other series' objects get ``other_series``;
 4. the chosen series is ordered by position along the slice normal (ties: InstanceNumber, then
    SOPInstanceUID) and numbered ``slice_index`` 0 = lowest position. Never by InstanceNumber or file
-   name alone: where a position is missing the whole series falls back to InstanceNumber.
+   name: a slice without ImagePositionPatient is rejected by the reader (``bad_header``).
 """
 
 from __future__ import annotations
@@ -243,11 +243,8 @@ def select_series(headers: pd.DataFrame, preferred_thickness_mm: float = 5.0) ->
                 df.loc[idx, "reason"] = "other_series"
                 df.loc[idx, "message"] = f"study {study_uid} scored with series {chosen} (rule: thickness nearest {preferred_thickness_mm:g} mm, then most slices)"
                 continue
-            series = df.loc[idx]
-            if series["position"].notna().all():
-                order = series.sort_values(["position", "instance_number", "sop_uid"], kind="stable", na_position="last")
-            else:
-                order = series.sort_values(["instance_number", "sop_uid"], kind="stable", na_position="last")
+            # every accepted slice has a position (the reader rejects one without: bad_header)
+            order = df.loc[idx].sort_values(["position", "instance_number", "sop_uid"], kind="stable", na_position="last")
             df.loc[order.index, "slice_index"] = np.arange(len(order), dtype=np.int32)
             df.loc[order.index, "selected"] = True
     return df
@@ -296,8 +293,8 @@ def study_table(manifest: pd.DataFrame) -> list[dict[str, Any]]:
     studies = []
     for (study_uid, series_uid), group in selected.groupby(["study_uid", "series_uid"], sort=True):
         positions = group["position"].astype(float)
-        if positions.isna().any():  # ordered by InstanceNumber: space slices evenly
-            positions = pd.Series(np.arange(len(group), dtype=float) * 5.0, index=group.index)
+        if positions.isna().any():  # never invent a spacing: a manifest like this was not made by this code
+            raise ValueError(f"study {study_uid}: a selected slice has no position (not an ichd-ray manifest?)")
         studies.append(
             {
                 "study_uid": study_uid,

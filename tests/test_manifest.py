@@ -1,4 +1,5 @@
 import pandas as pd
+import pytest
 
 from ichd_ray.manifest import MANIFEST_SCHEMA, select_series, study_table
 
@@ -62,14 +63,12 @@ def test_duplicates_and_non_axial_and_rejections_pass_through():
     assert out["selected"].sum() == 3
 
 
-def test_missing_positions_fall_back_to_instance_number():
+def test_a_selected_slice_without_a_position_is_refused_never_spaced_by_5_mm():
+    """The reader rejects such a file (bad_header); a manifest that still has one was not made here."""
     df = frame(rows("s1", "a", 4))
     df.loc[1, "position"] = None
-    out = select_series(df)
-    chosen = out[out["selected"]].sort_values("slice_index")
-    assert chosen["instance_number"].tolist() == [1, 2, 3, 4]
-    [study] = study_table(out)
-    assert study["positions"] == [0.0, 5.0, 10.0, 15.0]
+    with pytest.raises(ValueError, match="study s1: a selected slice has no position"):
+        study_table(select_series(df))
 
 
 def test_study_table_rows():
