@@ -4,8 +4,11 @@ Fold k's CNN never saw fold k's studies, so its embeddings and logits of those s
 sequence model will see at scoring time on new data. Each fold runs :func:`ichd_ray.score.score_job`
 (the same decode tasks and model actors as production scoring, ``write_embeddings`` on) with a
 one-fold bundle holding CNN k, over a manifest of fold k's studies. Output per fold:
-``WORK/embed/fold<k>/out/embeddings/...`` (study, SOP, slice index, z, float16 embedding, CNN logits),
-committed like any scoring run, and skipped when a resumed run finds it committed.
+``WORK/embed/fold<k>-<key>/out/embeddings/...`` (study, SOP, slice index, z, float16 embedding, CNN
+logits), committed like any scoring run, and skipped when a run finds it committed under the same key
+(:func:`ichd_ray.train_config.training_keys`: CNN k's key, the embedding fields, the manifest). The run
+keeps Ray Data's order (``preserve_order``), so the CNN sees the same batches every time and the
+embeddings are reproducible to the bit.
 """
 
 from __future__ import annotations
@@ -17,15 +20,35 @@ import pyarrow.parquet as pq
 
 from ichd_ray import storage
 
-__all__ = ["embed_fold", "read_embeddings"]
+__all__ = ["embed_fold", "embeddings_done", "embeddings_uri", "read_embeddings"]
 
 logger = logging.getLogger(__name__)
 
 RUN_ID = "oof"
 
 
-def _fold_prefix(work_uri: str, fold: int) -> str:
-    return storage.join(work_uri, "embed", f"fold{fold}")
+def _fold_prefix(work_uri: str, fold: int, key: str) -> str:
+    return storage.join(work_uri, "embed", f"fold{fold}-{key[:16]}")
+
+
+def embeddings_uri(work_uri: str, fold: int, key: str) -> str:
+    """The scoring output folder of fold ``fold``'s embedding run under ``key``."""
+    return storage.join(_fold_prefix(work_uri, fold, key), "out")
+
+
+def embeddings_done(work_uri: str, fold: int, key: str, storage_config: storage.StorageConfig | None = None) -> bool:
+    """Whether fold ``fold``'s embeddings under ``key`` are committed (its bundle names the same key)."""
+    from ichd_ray.models.bundle import BundleError, load_bundle_config
+    from ichd_ray.outputs import read_run
+
+    run = read_run(embeddings_uri(work_uri, fold, key), RUN_ID, storage_config)
+    if run is None or run["status"] != "succeeded":
+        return False
+    try:
+        config, _ = load_bundle_config(storage.join(_fold_prefix(work_uri, fold, key), "bundle"), storage_config=storage_config)
+    except (BundleError, FileNotFoundError):
+        return False
+    return dict(config.training).get("key") == key
 
 
 def read_embeddings(out_uri: str, storage_config: storage.StorageConfig | None = None) -> pd.DataFrame:
@@ -46,6 +69,7 @@ def embed_fold(
     work_uri: str,
     cnn_weights_uri: str,
     *,
+    key: str,
     storage_config: storage.StorageConfig | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
@@ -57,6 +81,7 @@ def embed_fold(
         cfg: :class:`ichd_ray.train_config.TrainConfig` (its ``score`` section sizes the actor pool).
         work_uri: Work folder.
         cnn_weights_uri: CNN ``fold``'s safetensors weights.
+        key: The embedding run's key (``training_keys(...)["embeddings"][fold].key``).
         storage_config: Driver storage settings.
         progress: Ray Data progress bars.
     """
@@ -66,14 +91,14 @@ def embed_fold(
     from ichd_ray.models.bundle import BundleConfig, save_bundle
     from ichd_ray.models.sequence import SequenceModel
     from ichd_ray.models.slice_cnn import SliceCNN
-    from ichd_ray.outputs import read_run
+    import ray.data
+
     from ichd_ray.score import score_job
     from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
-    prefix = _fold_prefix(work_uri, fold)
-    out_uri = storage.join(prefix, "out")
-    run = read_run(out_uri, RUN_ID, storage_config)
-    if run is not None and run["status"] == "succeeded":
+    prefix = _fold_prefix(work_uri, fold, key)
+    out_uri = embeddings_uri(work_uri, fold, key)
+    if embeddings_done(work_uri, fold, key, storage_config):
         return read_embeddings(out_uri, storage_config)
 
     bundle_uri = storage.join(prefix, "bundle")
@@ -87,7 +112,7 @@ def embed_fold(
         windows=DEFAULT_WINDOWS,
         normalization=DEFAULT_NORMALIZATION,
         sequence=cfg.sequence.model_config(),
-        training={"state": "oof-embedding", "fold": fold},
+        training={"state": "oof-embedding", "fold": fold, "key": key},
         version_id=f"oof-fold{fold}",
     )
     seq = SequenceModel.from_config(cnn.num_features, config.sequence)  # unused: only the CNN outputs matter here
@@ -97,10 +122,18 @@ def embed_fold(
     rows = manifest[(manifest["fold"] == fold)][MANIFEST_SCHEMA.names]
     manifest_uri = storage.join(prefix, "manifest.parquet")
     write_manifest(rows, manifest_uri, storage_config)
-    summary = score_job(
-        None, bundle_uri, out_uri, job=cfg.job_config(), run_id=RUN_ID, manifest_uri=manifest_uri,
-        progress=progress, storage_config=storage_config,
-    )
+    # In order: the model actors then see the same batches of studies (the same CNN chunks) every run,
+    # and a chunk's composition can change a float's last bit.
+    ctx = ray.data.DataContext.get_current()
+    preserve_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        summary = score_job(
+            None, bundle_uri, out_uri, job=cfg.job_config(), run_id=RUN_ID, manifest_uri=manifest_uri,
+            progress=progress, storage_config=storage_config,
+        )
+    finally:
+        ctx.execution_options.preserve_order = preserve_order
     if summary.n_rejected:
         logger.warning("embedding fold %d: %d slice(s) could not be embedded: %s", fold, summary.n_rejected, summary.reasons)
     return read_embeddings(out_uri, storage_config)

@@ -8,10 +8,14 @@ column of the training manifest, written once and read by the CNN, embedding and
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 
-__all__ = ["assign_folds"]
+__all__ = ["assign_folds", "assignment_sha256"]
 
 
 def assign_folds(studies: pd.DataFrame, folds: int, seed: int = 0) -> pd.Series:
@@ -54,3 +58,10 @@ def assign_folds(studies: pd.DataFrame, folds: int, seed: int = 0) -> pd.Series:
     for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(table)), y, groups)):
         fold[held_out] = k
     return pd.Series(fold, index=pd.Index(table["study_uid"], name="study_uid"), name="fold")
+
+
+def assignment_sha256(fold_of: Mapping[str, int]) -> str:
+    """sha256 of a fold assignment (study -> fold), independent of the order it is listed in: what
+    the training stages' keys record as the split they were trained on."""
+    pairs = sorted((str(study), int(fold)) for study, fold in fold_of.items())
+    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()

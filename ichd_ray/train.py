@@ -6,13 +6,24 @@ Every stage writes its result under ``WORK`` and skips work it finds done, so re
 command after a crash resumes where it stopped: the manifest and folds are read back, cached studies
 are not decoded again, a finished fold is not retrained, and a fold in progress resumes from its last
 Ray Train checkpoint (same ``RunConfig(name, storage_path)``).
+
+"Done" means done *for this config*: every artifact (cache, CNN k, embeddings k, sequence model k) is
+named by its key (:func:`ichd_ray.train_config.training_keys`: the config fields its stage reads and
+its inputs' keys), so a changed ``cnn.lr`` retrains the CNNs, the embeddings and the sequence models
+and keeps the cache, and a changed ``sequence.lr`` retrains the sequence models only. Artifacts of
+other keys are left in place (switching a field back reuses them; delete them to reclaim space). The
+bundle's ``training`` block records per fold each stage's key, config hash and weights' sha256.
+
+Every random draw is seeded from the config (``cnn.seed``, ``sequence.seed``, fold, epoch, rank), so
+the same config, data and CPU machine give the same weights and out-of-fold metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,17 +41,28 @@ def default_work_uri(out_uri: str) -> str:
 
 @dataclass
 class TrainResult:
+    """What a training run made. ``stages``: per stage what ran and what was reused, by key:
+    ``{"cache": {"key", "reused"}, "cnn" | "embeddings" | "sequence": [{"fold", "key", "reused"}, ...]}``."""
+
     bundle_uri: str
     version_id: str
     metrics: dict[str, Any]
     table: str
     seconds: float
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 def _windows_and_norm():
     from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
     return [w.to_dict() for w in DEFAULT_WINDOWS], DEFAULT_NORMALIZATION.to_dict()
+
+
+def _keys(ts, cfg) -> dict[str, Any]:
+    """Every artifact's key for this config and training set (:func:`ichd_ray.train_config.training_keys`)."""
+    from ichd_ray.train_config import training_keys
+
+    return training_keys(cfg, manifest_sha256=ts.manifest_sha256, folds_sha256=ts.folds_sha256)
 
 
 def _training_set(data_uri, labels_uri, work_uri, cfg, storage_config):
@@ -64,30 +86,38 @@ def train_cnn_stage(
 ) -> dict[str, Any]:
     """Index + labels + folds, the decoded cache, then one CNN per fold (Ray must be initialised)."""
     from ichd_ray.train_cnn import train_cnn_fold
-    from ichd_ray.train_data import build_cache
+    from ichd_ray.train_data import build_cache, cache_prefix
 
     started = time.perf_counter()
     ts = _training_set(data_uri, labels_uri, work_uri, cfg, storage_config)
+    keys = _keys(ts, cfg)
     counts = pd.Series([s["fold"] for s in ts.studies]).value_counts().sort_index().tolist()
     log(f"  data: {len(ts.studies)} labelled studies, folds by patient: {counts} studies"
         + (f"; {len(ts.dropped)} left out (unlabelled slices)" if ts.dropped else ""))
     windows, norm = _windows_and_norm()
+    cache_uri = cache_prefix(work_uri, cfg.data.input_size, keys["cache"].key)
+    cache_reused = storage.exists(storage.join(cache_uri, "index.parquet"), storage_config)
     studies, failures = build_cache(
         ts, work_uri, size=cfg.data.input_size, windows=windows, studies_per_task=cfg.data.studies_per_task,
         cpus_per_task=cfg.data.cpus_per_decode_task, storage_config=storage_config,
     )
     n_slices = sum(s["n"] for s in studies)
-    log(f"  cache: {n_slices} slices at {cfg.data.input_size}px" + (f"; {len(failures)} could not be decoded:" if failures else ""))
+    log(f"  cache {keys['cache'].short}{' (reused)' if cache_reused else ''}: {n_slices} slices at {cfg.data.input_size}px"
+        + (f"; {len(failures)} could not be decoded:" if failures else ""))
     for f in failures[:5]:
         log(f"    {f['uri']}: {f['reason']} ({f['message']})")
     folds = []
     for k in range(cfg.data.folds):
-        summary = train_cnn_fold(studies, k, cfg, work_uri, normalization=norm, storage_config=storage_config, fault=fault)
+        key = keys["cnn"][k]
+        summary = train_cnn_fold(studies, k, cfg, work_uri, key=key.key, normalization=norm, storage_config=storage_config, fault=fault)
         last = summary["history"][-1]
-        log(f"  cnn fold {k}: {last['epoch'] + 1} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, "
-            f"{last.get('train_samples_per_s', 0):.0f} samples/s")
+        log(f"  cnn fold {k} {key.short}{' (reused)' if summary['reused'] else ''}: {last['epoch'] + 1} epochs, "
+            f"val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, {last.get('train_samples_per_s', 0):.0f} samples/s")
         folds.append(summary)
-    return {"folds": folds, "studies": len(studies), "slices": n_slices, "decode_failures": failures, "seconds": time.perf_counter() - started}
+    return {
+        "folds": folds, "studies": len(studies), "slices": n_slices, "decode_failures": failures, "seconds": time.perf_counter() - started,
+        "cache": {"key": keys["cache"].key, "uri": cache_uri, "reused": cache_reused},
+    }
 
 
 def _labels_frame(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -111,12 +141,13 @@ def _slice_frame(rows: list[dict[str, Any]], probs: list[np.ndarray]) -> pd.Data
     return pd.concat(parts, ignore_index=True)
 
 
-def out_of_fold_predictions(rows, folds: int, cfg, work_uri, storage_config) -> dict[str, pd.DataFrame]:
-    """Per slice, out of fold: the prior baseline, the CNN alone and CNN + sequence; plus study-head probabilities."""
+def out_of_fold_predictions(rows, folds: int, cfg, sequence_uris: list[str], storage_config) -> dict[str, pd.DataFrame]:
+    """Per slice, out of fold: the prior baseline, the CNN alone and CNN + sequence; plus study-head
+    probabilities. ``sequence_uris``: sequence model k's weights, per fold."""
     import safetensors.torch
 
     from ichd_ray.models.sequence import SequenceModel
-    from ichd_ray.train_sequence import predict_studies, sequence_weights_uri
+    from ichd_ray.train_sequence import predict_studies
 
     prior, cnn, seq, study_head, ordered = [], [], [], {}, []
     for k in range(folds):
@@ -127,7 +158,7 @@ def out_of_fold_predictions(rows, folds: int, cfg, work_uri, storage_config) -> 
         prevalence = np.concatenate([np.frombuffer(r["labels"], np.uint8) for r in train]).reshape(-1, len(CLASSES))
         prevalence = prevalence.mean(axis=0).clip(1e-6, 1 - 1e-6)
         model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.model_config(), len(CLASSES))
-        model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
+        model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_uris[k], storage_config)))
         preds = predict_studies(model, held)
         for r, (slice_p, study_p) in zip(held, preds):
             n = int(r["n"])
@@ -179,36 +210,44 @@ def train_sequence_stage(
     """Out-of-fold embeddings (scoring actors), one sequence model per fold, metrics, the bundle."""
     import safetensors.torch
 
-    from ichd_ray.embed import embed_fold
+    from ichd_ray.embed import embed_fold, embeddings_done, embeddings_uri
     from ichd_ray.evaluate import choose_run_thresholds, evaluate_predictions
     from ichd_ray.models.bundle import BundleConfig, save_bundle
     from ichd_ray.models.sequence import SequenceModel
     from ichd_ray.models.slice_cnn import SliceCNN
-    from ichd_ray.train_cnn import cnn_weights_uri
+    from ichd_ray.train_cnn import cnn_weights_uri, finished_fold
     from ichd_ray.train_data import load_training_set
-    from ichd_ray.train_sequence import sequence_rows, sequence_weights_uri, train_sequence_fold
+    from ichd_ray.train_sequence import sequence_rows, train_sequence_fold
 
     started = time.perf_counter()
     ts = load_training_set(work_uri, storage_config)
     if ts.folds != cfg.data.folds:
         raise ValueError(f"{work_uri} holds {ts.folds} folds but data.folds is {cfg.data.folds}")
-    tables = []
+    keys = _keys(ts, cfg)
+    tables, cnn_summaries, embedded = [], [], []
     for k in range(cfg.data.folds):
-        uri = cnn_weights_uri(work_uri, k)
-        if not storage.exists(uri, storage_config):
-            raise FileNotFoundError(f"CNN fold {k} has no weights at {uri}: run `ichd-ray train cnn` first")
+        uri = cnn_weights_uri(work_uri, k, keys["cnn"][k].key)
+        cnn_summary = finished_fold(uri, keys["cnn"][k].key, storage_config)
+        if cnn_summary is None:
+            raise FileNotFoundError(f"CNN fold {k} has no weights for this config at {uri}: run `ichd-ray train cnn` first")
+        cnn_summaries.append(cnn_summary)
+        key = keys["embeddings"][k]
         t0 = time.perf_counter()
-        tables.append(embed_fold(ts, k, cfg, work_uri, uri, storage_config=storage_config, progress=progress))
-        log(f"  embeddings fold {k}: {len(tables[-1])} slices out of fold ({time.perf_counter() - t0:.0f} s)")
+        embedded.append(not embeddings_done(work_uri, k, key.key, storage_config))
+        tables.append(embed_fold(ts, k, cfg, work_uri, uri, key=key.key, storage_config=storage_config, progress=progress))
+        log(f"  embeddings fold {k} {key.short}{'' if embedded[-1] else ' (reused)'}: {len(tables[-1])} slices out of fold "
+            f"({time.perf_counter() - t0:.0f} s)")
     rows = sequence_rows(pd.concat(tables, ignore_index=True), ts.manifest)
     seq_summaries = []
     for k in range(cfg.data.folds):
-        summary = train_sequence_fold(rows, k, cfg, work_uri, storage_config=storage_config, fault=fault)
+        key = keys["sequence"][k]
+        summary = train_sequence_fold(rows, k, cfg, work_uri, key=key.key, storage_config=storage_config, fault=fault)
         last = summary["history"][-1]
-        log(f"  sequence fold {k}: {last['epoch'] + 1} epochs, val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
+        log(f"  sequence fold {k} {key.short}{' (reused)' if summary['reused'] else ''}: {last['epoch'] + 1} epochs, "
+            f"val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
         seq_summaries.append(summary)
 
-    preds = out_of_fold_predictions(rows, cfg.data.folds, cfg, work_uri, storage_config)
+    preds = out_of_fold_predictions(rows, cfg.data.folds, cfg, [s["weights_uri"] for s in seq_summaries], storage_config)
     labels = _labels_frame(ts.manifest)
     metrics: dict[str, Any] = {key: evaluate_predictions(preds[key], labels) for key in ("prior", "cnn", "cnn_sequence")}
     wll = {key: metrics[key]["slice"]["weighted_log_loss"] for key in ("prior", "cnn", "cnn_sequence")}
@@ -225,18 +264,27 @@ def train_sequence_stage(
     metrics["thresholds"] = thresholds
     metrics["slice_thresholds"] = slice_thresholds
 
-    # The bundle: CNN k and sequence model k from the work folder, written like any bundle.
-    cnns, seqs = [], []
+    # The bundle: CNN k and sequence model k of this config's keys, written like any bundle; per fold
+    # the keys and the sha256 of the very bytes loaded, so the bundle names the weights it holds.
+    cnns, seqs, folds = [], [], []
     embed_dim = int(rows[0]["dim"])  # the CNNs' embedding width, as the embedding stage wrote it
     for k in range(cfg.data.folds):
+        cnn_bytes = storage.read_bytes(cnn_summaries[k]["weights_uri"], storage_config)
         cnn = SliceCNN(cfg.cnn.backbone, len(CLASSES))
-        cnn.load_state_dict(safetensors.torch.load(storage.read_bytes(cnn_weights_uri(work_uri, k), storage_config)))
+        cnn.load_state_dict(safetensors.torch.load(cnn_bytes))
+        seq_bytes = storage.read_bytes(seq_summaries[k]["weights_uri"], storage_config)
         seq = SequenceModel.from_config(embed_dim, cfg.sequence.model_config(), len(CLASSES))
-        seq.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_weights_uri(work_uri, k), storage_config)))
+        seq.load_state_dict(safetensors.torch.load(seq_bytes))
         cnns.append(cnn)
         seqs.append(seq)
-    cnn_summaries = [json.loads(storage.read_bytes(cnn_weights_uri(work_uri, k).replace(".safetensors", ".json"), storage_config))
-                     for k in range(cfg.data.folds)]
+        folds.append({
+            "fold": k,
+            "cnn": {**keys["cnn"][k].to_dict(), "run": cnn_summaries[k].get("run"), "weights_uri": cnn_summaries[k]["weights_uri"],
+                    "weights_sha256": hashlib.sha256(cnn_bytes).hexdigest()},
+            "embeddings": {**keys["embeddings"][k].to_dict(), "uri": embeddings_uri(work_uri, k, keys["embeddings"][k].key)},
+            "sequence": {**keys["sequence"][k].to_dict(), "run": seq_summaries[k].get("run"), "weights_uri": seq_summaries[k]["weights_uri"],
+                         "weights_sha256": hashlib.sha256(seq_bytes).hexdigest()},
+        })
     training = {
         "state": "trained",
         "code_version": __version__,
@@ -248,6 +296,9 @@ def train_sequence_stage(
         "metrics": _compact(metrics),
         "cnn_history": [s["history"] for s in cnn_summaries],
         "sequence_history": [s["history"] for s in seq_summaries],
+        "cache": keys["cache"].to_dict(),
+        "stage_fields": keys["fields"],
+        "folds": folds,
         **(provenance or {}),
     }
     windows, norm = _windows_and_norm()
@@ -263,7 +314,11 @@ def train_sequence_stage(
     )
     written = save_bundle(out_uri, config, cnns, seqs, storage_config, overwrite=overwrite)
     storage.write_bytes(storage.join(work_uri, "metrics.json"), json.dumps(_compact(metrics), indent=1).encode(), storage_config)
-    return TrainResult(out_uri, written.version_id, metrics, format_metrics(metrics), time.perf_counter() - started)
+    stages = {
+        "embeddings": [{"fold": k, "key": keys["embeddings"][k].key, "reused": not embedded[k]} for k in range(cfg.data.folds)],
+        "sequence": [{"fold": k, "key": s["key"], "reused": s["reused"]} for k, s in enumerate(seq_summaries)],
+    }
+    return TrainResult(out_uri, written.version_id, metrics, format_metrics(metrics), time.perf_counter() - started, stages)
 
 
 def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -294,4 +349,9 @@ def train_all(
         work_uri, out_uri, cfg, storage_config=storage_config, log=log, progress=progress, overwrite=overwrite,
         provenance={"data_uri": data_uri, "labels_uri": labels_uri, "cnn_stage_seconds": cnn["seconds"]},
     )
-    return replace(result, seconds=time.perf_counter() - started)
+    stages = {
+        "cache": {"key": cnn["cache"]["key"], "reused": cnn["cache"]["reused"]},
+        "cnn": [{"fold": s["fold"], "key": s["key"], "reused": s["reused"]} for s in cnn["folds"]],
+        **result.stages,
+    }
+    return replace(result, seconds=time.perf_counter() - started, stages=stages)

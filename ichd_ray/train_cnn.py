@@ -2,12 +2,20 @@
 
 Data comes from Ray Data (:func:`ichd_ray.train_data.train_dataset`): each epoch draws
 ``samples_per_study x training studies`` slices, a random study then a random slice, read from the
-decoded cache and augmented on CPU tasks, and streams into ``get_dataset_shard("train")``. The loss is
-the class-weighted BCE of the challenge metric (``any`` x2); AdamW with a linear warm-up and a cosine
-decay per step; bf16 autocast on GPU. Every epoch ends with the held-out fold's weighted log loss and a
-checkpoint (safetensors + JSON, see :mod:`ichd_ray.checkpoint`) under ``WORK/ray_train/cnn-fold<k>``.
-A failed worker restarts the group from the last checkpoint (``FailureConfig``); a re-run of the same
-command (same ``RunConfig(name, storage_path)``) resumes after a driver failure.
+decoded cache and augmented on CPU tasks. Each worker builds its epoch's dataset itself, one row per
+step, every draw seeded by (``cnn.seed``, fold, epoch, rank, step) and the order kept, so the same
+seed, data and machine give the same weights; the held-out fold streams in through
+``get_dataset_shard("val")``. The loss is the class-weighted BCE of the challenge metric (``any`` x2);
+AdamW with a linear warm-up and a cosine decay per step; bf16 autocast on GPU. Every epoch ends with the
+held-out fold's weighted log loss and a checkpoint (safetensors + JSON, see :mod:`ichd_ray.checkpoint`)
+under ``WORK/ray_train/cnn-fold<k>-<key>``. A failed worker restarts the group from the last
+checkpoint (``FailureConfig``); a re-run of the same command (same ``RunConfig(name, storage_path)``)
+resumes after a driver failure.
+
+Artifacts are named by the fold's key (:func:`ichd_ray.train_config.training_keys`: the CNN fields,
+the cache's key, the fold assignment): ``WORK/cnn/fold<k>-<key>.safetensors`` and ``.json``. A fold is
+reused only when a summary of the same key is there, and the Ray Train run carries the key in its name,
+so a resumed run never continues another config's checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +31,17 @@ import numpy as np
 
 from ichd_ray import CLASS_WEIGHTS, CLASSES, storage
 
-__all__ = ["lr_at", "cnn_train_loop", "train_cnn_fold", "ray_run_config", "cnn_weights_uri", "finished_fold", "fit_and_export"]
+__all__ = [
+    "lr_at",
+    "cnn_train_loop",
+    "train_cnn_fold",
+    "ray_run_config",
+    "run_name",
+    "cnn_weights_uri",
+    "finished_fold",
+    "fit_and_export",
+    "epoch_seed",
+]
 
 
 def lr_at(step: int, total: int, peak: float, warmup_fraction: float, min_fraction: float) -> float:
@@ -34,6 +52,11 @@ def lr_at(step: int, total: int, peak: float, warmup_fraction: float, min_fracti
     progress = (step - warmup) / max(1, total - warmup)
     floor = min_fraction * peak
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (config seed, fold, epoch, rank, ...): torch's generator per epoch."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def _fault_hook(fault: dict | None, epoch: int, step: int, rank: int) -> None:
@@ -62,8 +85,13 @@ def _weighted_log_loss_from_sums(bce_sums: np.ndarray, count: float) -> float:
 
 def cnn_train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. ``config``: cnn (CnnSection dict), fold, input_size,
-    normalization {mean, std}, steps_per_epoch, prevalence (per class, training slices), run_uri and
-    storage_config (checkpoint fallback), fault (test hook or None)."""
+    normalization {mean, std}, steps_per_epoch, sampler (:func:`ichd_ray.train_data.sampler_inputs` of
+    the training studies), prevalence (per class, training slices), run_uri and storage_config
+    (checkpoint fallback, cache reads), fault (test hook or None).
+
+    Every random number is seeded: the weights by ``cnn.seed`` (the same start for every fold), each
+    epoch's samples and augmentations by (seed, fold, epoch, rank, step), torch's generator (dropout)
+    by (seed, fold, epoch, rank) at the start of each epoch, so a resumed epoch draws what it would have."""
     import ray.train
     import ray.train.torch
     import torch
@@ -72,8 +100,10 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     from ichd_ray.checkpoint import restore_train_state, save_train_state, unwrap
     from ichd_ray.models.sequence import masked_bce
     from ichd_ray.models.slice_cnn import SliceCNN
+    from ichd_ray.train_data import train_dataset
 
     cnn = config["cnn"]
+    fold = int(config["fold"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if cnn["torch_threads"]:
@@ -103,14 +133,19 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     cuda = device.type == "cuda"
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, epochs):
         model.train()
+        torch.manual_seed(epoch_seed(cnn["seed"], fold, epoch, rank))
         started, seen, loss_sum = time.perf_counter(), 0, 0.0
         step = epoch * steps_per_epoch
-        batches = train_shard.iter_batches(batch_size=cnn["batch_size"], batch_format="numpy", drop_last=True, prefetch_batches=2)
+        train = train_dataset(
+            config["sampler"], steps=steps_per_epoch, batch_size=cnn["batch_size"], size=config["input_size"],
+            augment=cnn["augment"], seed=[cnn["seed"], fold, epoch, rank], cpus_per_task=cnn["cpus_per_data_task"],
+            storage_config=config.get("storage_config"),
+        )
+        batches = train.iter_batches(batch_size=cnn["batch_size"], batch_format="numpy", drop_last=True, prefetch_batches=2)
         for i, batch in enumerate(batches):
             _fault_hook(config.get("fault"), epoch, i, rank)
             if i >= steps_per_epoch:  # equal shards make this a no-op; it bounds the schedule if not
@@ -182,23 +217,33 @@ def ray_run_config(work_uri: str, name: str, max_failures: int, storage_config: 
     )
 
 
+def run_name(stage: str, fold: int, key: str) -> str:
+    """The Ray Train run of ``stage`` fold ``fold`` for artifact ``key``: ``<stage>-fold<k>-<key[:16]>``."""
+    return f"{stage}-fold{fold}-{key[:16]}"
+
+
 def ray_run_uri(work_uri: str, name: str) -> str:
     """Where Ray Train keeps run ``name``'s checkpoints (see :func:`ray_run_config`)."""
     return storage.join(work_uri, "ray_train", name)
 
 
-def finished_fold(weights_uri: str, storage_config) -> dict[str, Any] | None:
-    """The summary of a fold whose weights were already exported (a resumed run skips it), else None."""
+def finished_fold(weights_uri: str, key: str, storage_config) -> dict[str, Any] | None:
+    """The summary of a fold exported under ``key`` (a resumed or repeated run reuses it), else None.
+
+    The summary must name the same full key: a file of another config never counts as done."""
     summary_uri = weights_uri.replace(".safetensors", ".json")
-    if storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config):
-        return json.loads(storage.read_bytes(summary_uri, storage_config))
-    return None
+    if not (storage.exists(summary_uri, storage_config) and storage.exists(weights_uri, storage_config)):
+        return None
+    summary = json.loads(storage.read_bytes(summary_uri, storage_config))
+    return summary if summary.get("key") == key else None
 
 
 def fit_and_export(trainer, weights_uri: str, metadata: dict[str, str], summary: dict[str, Any], storage_config) -> dict[str, Any]:
     """Run a fold's trainer; export the last checkpoint's weights (safetensors) and the fold summary
-    (``summary`` + ``weights_uri``, ``history``, ``seconds``) beside them. The summary is written last:
-    it is what :func:`finished_fold` looks for."""
+    (``summary`` + ``weights_uri``, ``weights_sha256``, ``history``, ``seconds``) beside them. The
+    summary is written last: it is what :func:`finished_fold` looks for (``summary["key"]``)."""
+    import hashlib
+
     from safetensors.torch import load_file, save
 
     from ichd_ray.checkpoint import MODEL_FILE, STATE_FILE
@@ -209,14 +254,19 @@ def fit_and_export(trainer, weights_uri: str, metadata: dict[str, str], summary:
         with open(os.path.join(directory, STATE_FILE)) as fh:
             history = json.load(fh)["history"]
         weights = load_file(os.path.join(directory, MODEL_FILE))
-    storage.write_bytes(weights_uri, save(weights, metadata=metadata), storage_config)
-    summary = {**summary, "weights_uri": weights_uri, "history": history, "seconds": time.perf_counter() - started}
+    # One metadata entry (a sorted JSON string): safetensors writes a dict's entries in a per-process
+    # random order, so the same weights would give other bytes, and another sha256, on every run.
+    data = save(weights, metadata={"ichd_ray": json.dumps(metadata, sort_keys=True)})
+    storage.write_bytes(weights_uri, data, storage_config)
+    summary = {**summary, "weights_uri": weights_uri, "weights_sha256": hashlib.sha256(data).hexdigest(), "history": history,
+               "seconds": time.perf_counter() - started}
     storage.write_bytes(weights_uri.replace(".safetensors", ".json"), json.dumps(summary, indent=1).encode(), storage_config)
     return summary
 
 
-def cnn_weights_uri(work_uri: str, fold: int) -> str:
-    return storage.join(work_uri, "cnn", f"fold{fold}.safetensors")
+def cnn_weights_uri(work_uri: str, fold: int, key: str) -> str:
+    """``WORK/cnn/fold<k>-<key[:16]>.safetensors`` (the summary is the ``.json`` beside it)."""
+    return storage.join(work_uri, "cnn", f"fold{fold}-{key[:16]}.safetensors")
 
 
 def train_cnn_fold(
@@ -225,6 +275,7 @@ def train_cnn_fold(
     cfg,
     work_uri: str,
     *,
+    key: str,
     normalization: dict,
     storage_config: storage.StorageConfig | None = None,
     fault: dict | None = None,
@@ -236,23 +287,26 @@ def train_cnn_fold(
         fold: The held-out fold.
         cfg: :class:`ichd_ray.train_config.TrainConfig`.
         work_uri: Work folder (checkpoints, final weights).
+        key: The fold's artifact key (``training_keys(...)["cnn"][fold].key``): names the weights and
+            the Ray Train run.
         normalization: ``{mean, std}`` of the CNN input.
         storage_config: Driver storage settings.
         fault: Test hook ``{marker, epoch, step}``: rank 0 exits once there.
 
     Returns:
-        dict: ``weights_uri``, ``history`` (per-epoch metrics), ``seconds``. When the fold's weights
-        already exist (a resumed ``train all``) it returns them without training.
+        dict: ``key``, ``weights_uri``, ``weights_sha256``, ``history`` (per-epoch metrics),
+        ``seconds``, ``reused``. When weights of the same key exist (a resumed or repeated ``train
+        all``) it returns them without training (``reused`` True).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ichd_ray.train_data import train_dataset, val_dataset
+    from ichd_ray.train_data import sampler_inputs, val_dataset
 
-    weights_uri = cnn_weights_uri(work_uri, fold)
-    done = finished_fold(weights_uri, storage_config)
+    weights_uri = cnn_weights_uri(work_uri, fold, key)
+    done = finished_fold(weights_uri, key, storage_config)
     if done is not None:
-        return done
+        return {**done, "reused": True}
 
     c = cfg.cnn
     train = [s for s in studies if s["fold"] != fold]
@@ -265,11 +319,10 @@ def train_cnn_fold(
             f"cnn fold {fold}: {samples} samples per epoch cannot fill one batch of {c.batch_size} on each of "
             f"{c.num_workers} workers: raise cnn.samples_per_study or lower cnn.batch_size"
         )
-    datasets = {
-        "train": train_dataset(train, samples=samples, batch_size=c.batch_size, size=cfg.data.input_size,
-                               augment=dict(c.augment), cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc),
-        "val": val_dataset(held_out, size=cfg.data.input_size, cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc),
-    }
+    # The training samples are drawn by each worker (seeded per epoch and rank): only the held-out fold
+    # goes through Ray Train's dataset sharding, where arrival order does not change the sums.
+    datasets = {"val": val_dataset(held_out, size=cfg.data.input_size, cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc)}
+    name = run_name("cnn", fold, key)
     trainer = TorchTrainer(
         cnn_train_loop,
         train_loop_config={
@@ -278,19 +331,22 @@ def train_cnn_fold(
             "input_size": cfg.data.input_size,
             "normalization": normalization,
             "steps_per_epoch": steps_per_epoch,
+            "sampler": sampler_inputs(train),
             "fault": fault,
             "prevalence": np.concatenate([np.asarray(s["labels"], np.float64) for s in train]).mean(axis=0).tolist(),
-            "run_uri": ray_run_uri(work_uri, f"cnn-fold{fold}"),
+            "run_uri": ray_run_uri(work_uri, name),
             "storage_config": workers_sc,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         ),
-        run_config=ray_run_config(work_uri, f"cnn-fold{fold}", c.max_failures, storage_config),
+        run_config=ray_run_config(work_uri, name, c.max_failures, storage_config),
         datasets=datasets,
     )
-    return fit_and_export(
-        trainer, weights_uri, {"kind": "cnn", "fold": str(fold), "backbone": c.backbone},
-        {"fold": fold, "train_studies": len(train), "val_studies": len(held_out), "steps_per_epoch": steps_per_epoch},
+    summary = fit_and_export(
+        trainer, weights_uri, {"kind": "cnn", "fold": str(fold), "backbone": c.backbone, "key": key},
+        {"key": key, "fold": fold, "run": name, "train_studies": len(train), "val_studies": len(held_out),
+         "steps_per_epoch": steps_per_epoch},
         storage_config,
     )
+    return {**summary, "reused": False}

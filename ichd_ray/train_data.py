@@ -3,9 +3,12 @@ that feed Ray Train (random study-then-slice sampling with augmentation; whole h
 
 Work layout (``WORK`` defaults to ``<bundle>-work``; every piece is reused when a run resumes)::
 
-    WORK/train_manifest.parquet        index manifest + fold + y_<class> labels (written once)
-    WORK/cache/<size>/<study>.u8       uint8 [T, 3, size, size] per study, slices in z order
-    WORK/cache/<size>/index.parquet    the studies the cache holds (written last: it marks completion)
+    WORK/train_manifest.parquet              index manifest + fold + y_<class> labels (written once)
+    WORK/cache/<size>-<key>/<study>.u8       uint8 [T, 3, size, size] per study, slices in z order
+    WORK/cache/<size>-<key>/index.parquet    the studies the cache holds (written last: it marks completion)
+
+``<key>`` is the first 16 hex digits of the cache's key (:func:`cache_key`: size, windows, preprocessing
+and the manifest's sha256): a cache made otherwise is never read.
 
 Pixels are decoded and windowed once, into the cache, at the bundle's input size; every epoch then
 reads single slices from it with one ranged read each (a 128-px slice is 48 KiB, a 512-px one 768 KiB)
@@ -34,6 +37,8 @@ __all__ = [
     "prepare_training_set",
     "build_cache",
     "sample_slices",
+    "sampler_inputs",
+    "cache_key",
     "load_cached_studies",
     "train_dataset",
     "val_dataset",
@@ -66,6 +71,13 @@ class TrainingSet:
     @property
     def folds(self) -> int:
         return int(self.manifest["fold"].max()) + 1
+
+    @property
+    def folds_sha256(self) -> str:
+        """sha256 of the fold assignment (study -> fold), what every training stage is split by."""
+        from ichd_ray.folds import assignment_sha256
+
+        return assignment_sha256({s["study_uid"]: s["fold"] for s in self.studies})
 
     def studies_in(self, fold: int, held_out: bool) -> list[dict[str, Any]]:
         return [s for s in self.studies if (s["fold"] == fold) == held_out]
@@ -180,15 +192,23 @@ def _sha256(data: bytes) -> str:
 # ----------------------------------------------------------------------------------- slice cache
 
 
-def cache_prefix(work_uri: str, size: int) -> str:
-    return storage.join(work_uri, "cache", str(size))
+def cache_key(training_set: TrainingSet, size: int, windows: list[dict]):
+    """The cache's :class:`ichd_ray.train_config.StageKey`: what it is decoded with, and from which manifest."""
+    from ichd_ray.train_config import cache_fields, stage_key
+
+    return stage_key("cache", cache_fields(size, windows), {"manifest_sha256": training_set.manifest_sha256})
 
 
-def cache_studies(batch: pa.Table, *, size: int, windows: list[dict], cache_uri: str, storage_config: dict | None) -> pa.Table:
+def cache_prefix(work_uri: str, size: int, key: str) -> str:
+    return storage.join(work_uri, "cache", f"{size}-{key[:16]}")
+
+
+def cache_studies(batch: pa.Table, *, size: int, windows: list[dict], rsna_fix: bool, cache_uri: str,
+                  storage_config: dict | None) -> pa.Table:
     """Decode a batch of studies (the scoring job's decode stage) and write each one's pixels to the cache."""
     from ichd_ray.score import decode_studies
 
-    decoded = decode_studies(batch, size=size, windows=windows, storage_config=storage_config)
+    decoded = decode_studies(batch, size=size, windows=windows, rsna_fix=rsna_fix, storage_config=storage_config)
     config = storage.StorageConfig.on_worker(storage_config)
     images = decoded.column("images")
     rows = decoded.drop_columns(["images"]).to_pylist()
@@ -211,7 +231,8 @@ def build_cache(
     cpus_per_task: float,
     storage_config: storage.StorageConfig | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Decode every training study once into ``WORK/cache/<size>/`` (Ray tasks); reused when present.
+    """Decode every training study once into ``WORK/cache/<size>-<key>/`` (Ray tasks); reused when a
+    cache of the same key (:func:`cache_key`) is complete.
 
     Returns:
         (studies, failures): the training studies with ``cache_uri`` and only the slices that decoded
@@ -220,12 +241,19 @@ def build_cache(
     """
     import ray.data
 
+    from ichd_ray.models.bundle import DEFAULT_PREPROCESSING  # what the bundle will say scoring does
     from ichd_ray.score import DECODE_BASE_MEMORY
 
-    prefix = cache_prefix(work_uri, size)
+    key = cache_key(training_set, size, windows).key
+    prefix = cache_prefix(work_uri, size, key)
     index_uri = storage.join(prefix, "index.parquet")
+    stored = None
     if storage.exists(index_uri, storage_config):
-        index = pq.read_table(pa.BufferReader(storage.read_bytes(index_uri, storage_config))).to_pylist()
+        stored = pq.read_table(pa.BufferReader(storage.read_bytes(index_uri, storage_config)))
+        if json.loads((stored.schema.metadata or {}).get(b"ichd_ray", b"{}")).get("key") != key:
+            stored = None  # a prefix collision or a hand-copied folder: decode again
+    if stored is not None:
+        index = stored.to_pylist()
     else:
         items = [{k: s[k] for k in ("study_uid", "series_uid", "uris", "sop_uids", "positions", "slice_indices")} for s in training_set.studies]
         longest = max(len(s["uris"]) for s in items)
@@ -234,13 +262,14 @@ def build_cache(
             cache_studies,
             batch_size=studies_per_task,
             batch_format="pyarrow",
-            fn_kwargs={"size": size, "windows": windows, "cache_uri": prefix, "storage_config": storage_config.for_workers() if storage_config else None},
+            fn_kwargs={"size": size, "windows": windows, "rsna_fix": bool(DEFAULT_PREPROCESSING["rsna_fix"]), "cache_uri": prefix, "storage_config": storage_config.for_workers() if storage_config else None},
             num_cpus=cpus_per_task,
             memory=DECODE_BASE_MEMORY + 2 * studies_per_task * longest * 3 * size * size,
         )
         index = ds.take_all()
         sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(index), sink)
+        table = pa.Table.from_pylist(index)
+        pq.write_table(table.replace_schema_metadata({b"ichd_ray": json.dumps({"key": key}).encode()}), sink)
         storage.write_bytes(index_uri, sink.getvalue(), storage_config)  # last: marks the cache complete
     by_study = {r["study_uid"]: r for r in index}
     studies, failures = [], []
@@ -287,24 +316,41 @@ def sample_slices(
     labels: np.ndarray,
     size: int,
     augment: dict,
+    seed: list[int],
+    samples_per_id: int = 1,
     storage_config: dict | None,
 ) -> dict[str, np.ndarray]:
-    """One training batch: per row, a random study, then a random slice of it (1st place's sampler:
-    every study weighs the same however many slices it has), read from the cache and augmented.
+    """``samples_per_id`` training samples per row id: a random study, then a random slice of it (1st
+    place's sampler: every study weighs the same however many slices it has), read from the cache and
+    augmented.
 
-    The draws use fresh entropy, so each epoch (each execution of the dataset) sees new samples.
+    Each id's draws (study, slice, augmentation) come from ``np.random.default_rng([*seed, id])`` and
+    from nothing else, so an id gives the same samples however the rows are batched, which task runs
+    them and in which order they arrive: with ``seed`` = (config seed, fold, epoch, rank) and one id
+    per training step, a run is reproducible and every epoch still sees new samples.
     """
     from ichd_ray.augment import AugmentConfig, augment_batch
 
-    n = len(batch["id"])
-    rng = np.random.default_rng()
-    study = rng.integers(0, len(lengths), size=n)
-    slice_idx = (rng.random(n) * np.asarray(lengths)[study]).astype(np.int64)
+    config = AugmentConfig.from_dict(augment)
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    n = len(ids) * samples_per_id
     slice_bytes = 3 * size * size
-    config = storage.StorageConfig.on_worker(storage_config)
-    raw = _read_slices([cache_uris[i] for i in study], slice_idx, slice_bytes, config)
+    storage_cfg = storage.StorageConfig.on_worker(storage_config)
+    lengths_ = np.asarray(lengths)
+    study = np.empty(n, np.int64)
+    slice_idx = np.empty(n, np.int64)
+    rngs = []
+    for i, one in enumerate(ids):
+        rng = np.random.default_rng([*(int(s) for s in seed), int(one)])
+        part = slice(i * samples_per_id, (i + 1) * samples_per_id)
+        study[part] = rng.integers(0, len(lengths), size=samples_per_id)
+        slice_idx[part] = (rng.random(samples_per_id) * lengths_[study[part]]).astype(np.int64)
+        rngs.append(rng)
+    raw = _read_slices([cache_uris[i] for i in study], slice_idx, slice_bytes, storage_cfg)
     images = np.frombuffer(b"".join(raw), np.uint8).reshape(n, 3, size, size)
-    images = augment_batch(images, AugmentConfig.from_dict(augment), rng)
+    images = np.concatenate(
+        [augment_batch(images[i * samples_per_id : (i + 1) * samples_per_id], config, rng) for i, rng in enumerate(rngs)]
+    ) if n else images.copy()
     y = labels[np.asarray(label_offsets)[study] + slice_idx].astype(np.float32)
     return {"image": images, "label": y}
 
@@ -319,27 +365,34 @@ def load_cached_studies(batch: dict[str, np.ndarray], *, size: int, storage_conf
     return {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
-def train_dataset(studies: list[dict[str, Any]], *, samples: int, batch_size: int, size: int, augment: dict,
+def sampler_inputs(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """What :func:`train_dataset` draws from: the studies' cache objects, lengths and labels."""
+    lengths = [int(s["n"]) for s in studies]
+    return {
+        "cache_uris": [s["cache_uri"] for s in studies],
+        "lengths": lengths,
+        "label_offsets": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64).tolist(),
+        "labels": np.concatenate([np.asarray(s["labels"], dtype=np.uint8) for s in studies]),
+    }
+
+
+def train_dataset(inputs: dict[str, Any], *, steps: int, batch_size: int, size: int, augment: dict, seed: list[int],
                   cpus_per_task: float, storage_config: dict | None):
-    """``samples`` random slices per execution (one epoch), in batches of ``batch_size``."""
+    """``steps`` batches of ``batch_size`` random slices, in step order (one epoch of one worker).
+
+    Row ``i`` is step ``i``; its samples depend only on ``seed`` and ``i`` (:func:`sample_slices`), and
+    the dataset keeps its order (``preserve_order``, on this dataset's own context), so the batches and
+    their order are the same on every run. ``inputs``: :func:`sampler_inputs`.
+    """
     import ray.data
 
-    lengths = [s["n"] for s in studies]
-    labels = np.concatenate([np.asarray(s["labels"], dtype=np.uint8) for s in studies])
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64).tolist()
-    blocks = max(1, math.ceil(samples / batch_size))
-    return ray.data.range(samples, override_num_blocks=blocks).map_batches(
+    ds = ray.data.range(steps, override_num_blocks=max(1, steps))
+    ds.context.execution_options.preserve_order = True  # a copy of the process's context: nothing else changes
+    return ds.map_batches(
         sample_slices,
-        batch_size=batch_size,
-        fn_kwargs={
-            "cache_uris": [s["cache_uri"] for s in studies],
-            "lengths": lengths,
-            "label_offsets": offsets,
-            "labels": labels,
-            "size": size,
-            "augment": augment,
-            "storage_config": storage_config,
-        },
+        batch_size=1,
+        fn_kwargs={**inputs, "size": size, "augment": augment, "seed": list(seed), "samples_per_id": batch_size,
+                   "storage_config": storage_config},
         num_cpus=cpus_per_task,
     )
 

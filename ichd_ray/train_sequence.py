@@ -4,8 +4,13 @@ Sequence model k trains on the out-of-fold embeddings and CNN logits of the stud
 (:mod:`ichd_ray.embed`) and validates on fold k, so at scoring time CNN k and sequence model k form a
 pair that never saw fold k. Training uses random sub-sequences of ``window`` slices (1st place: random
 24-slice windows) and the class-weighted BCE on both the slice outputs and the study output (the study
-target is the max over the window's slice labels); validation runs on whole studies. Checkpoints and
-resume work as for the CNN (:mod:`ichd_ray.train_cnn`).
+target is the max over the window's slice labels); validation runs on whole studies. Checkpoints,
+resume and keyed artifacts (``WORK/sequence/fold<k>-<key>.safetensors``, run
+``sequence-fold<k>-<key>``) work as for the CNN (:mod:`ichd_ray.train_cnn`).
+
+Reproducible: every worker receives all rows and keeps its own share, assigned on the driver by
+study order (not by arrival order); its shuffles and windows come from (seed, fold, rank, epoch), its
+dropout from torch seeded by the same, so the same embeddings and seed give the same weights.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import pandas as pd
 
 from ichd_ray import CLASSES, storage
 
-__all__ = ["sequence_rows", "seq_train_loop", "train_sequence_fold", "predict_studies", "pad_studies"]
+__all__ = ["sequence_rows", "seq_train_loop", "train_sequence_fold", "sequence_weights_uri", "predict_studies", "pad_studies"]
 
 _C = len(CLASSES)
 
@@ -91,7 +96,9 @@ def _window(study: dict[str, np.ndarray], window: int, rng: np.random.Generator)
 
 
 def seq_train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker. ``config``: sequence (SequenceSection dict), fold, fault."""
+    """Runs on every Ray Train worker. ``config``: sequence (SequenceSection dict), fold, embed_dim,
+    run_uri, storage_config, fault. The datasets are not split: each row names the rank it belongs to
+    (``share``) and every worker keeps its own, in study order."""
     import ray.train
     import ray.train.torch
     import torch
@@ -99,18 +106,19 @@ def seq_train_loop(config: dict[str, Any]) -> None:
 
     from ichd_ray.checkpoint import restore_train_state, save_train_state, unwrap
     from ichd_ray.models.sequence import SequenceConfig, SequenceModel, masked_bce
-    from ichd_ray.train_cnn import _all_reduce, _fault_hook, _weighted_log_loss_from_sums
+    from ichd_ray.train_cnn import _all_reduce, _fault_hook, _weighted_log_loss_from_sums, epoch_seed
 
     c = config["sequence"]
+    fold = int(config["fold"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(c["seed"] * 1000 + config["fold"])
-    rng = np.random.default_rng([c["seed"], config["fold"], rank])
+    torch.manual_seed(c["seed"] * 1000 + fold)
 
     def load(name: str) -> list[dict[str, np.ndarray]]:
         shard = ray.train.get_dataset_shard(name)
         if shard is None:
             return []
-        return [_decode(r) for batch in shard.iter_batches(batch_format="pyarrow") for r in batch.to_pylist()]
+        mine = [r for batch in shard.iter_batches(batch_format="pyarrow") for r in batch.to_pylist() if r["share"] == rank]
+        return [_decode(r) for r in sorted(mine, key=lambda r: r["study_uid"])]
 
     # The shard is small (embeddings, not pixels): read it once, then every epoch works in memory.
     train, val = load("train"), load("val")
@@ -129,6 +137,9 @@ def seq_train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, epochs):
         model.train()
+        # Per epoch, so a run resumed at epoch e draws what an uninterrupted one would have.
+        rng = np.random.default_rng([c["seed"], fold, rank, epoch])
+        torch.manual_seed(epoch_seed(c["seed"], fold, epoch, rank))
         started, loss_sum = time.perf_counter(), 0.0
         order = rng.permutation(len(train))
         for i in range(steps):
@@ -179,8 +190,20 @@ def seq_train_loop(config: dict[str, Any]) -> None:
             ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ckpt)
 
 
-def sequence_weights_uri(work_uri: str, fold: int) -> str:
-    return storage.join(work_uri, "sequence", f"fold{fold}.safetensors")
+def sequence_weights_uri(work_uri: str, fold: int, key: str) -> str:
+    """``WORK/sequence/fold<k>-<key[:16]>.safetensors`` (the summary is the ``.json`` beside it)."""
+    return storage.join(work_uri, "sequence", f"fold{fold}-{key[:16]}.safetensors")
+
+
+def _shares(rows: list[dict[str, Any]], workers: int, equal: bool) -> list[int]:
+    """The rank each row (in study order) goes to; -1 for the remainder left out when every rank must
+    take the same number of steps (the training rows)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["study_uid"])
+    usable = len(rows) - len(rows) % workers if equal else len(rows)
+    share = [-1] * len(rows)
+    for position, i in enumerate(order[:usable]):
+        share[i] = position % workers
+    return share
 
 
 def train_sequence_fold(
@@ -189,52 +212,64 @@ def train_sequence_fold(
     cfg,
     work_uri: str,
     *,
+    key: str,
     storage_config: storage.StorageConfig | None = None,
     fault: dict | None = None,
 ) -> dict[str, Any]:
     """Train sequence model ``fold`` on the other folds' study rows; validate on fold ``fold``.
 
+    Args:
+        key: The fold's artifact key (``training_keys(...)["sequence"][fold].key``).
+
     Returns:
-        dict: ``weights_uri``, ``history``, ``seconds``; an existing result is returned as is.
+        dict: ``key``, ``weights_uri``, ``weights_sha256``, ``history``, ``seconds``, ``reused``; a
+        result of the same key is returned as is (``reused`` True).
     """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ichd_ray.train_cnn import finished_fold, fit_and_export, ray_run_config, ray_run_uri
+    from ichd_ray.train_cnn import finished_fold, fit_and_export, ray_run_config, ray_run_uri, run_name
 
-    weights_uri = sequence_weights_uri(work_uri, fold)
-    done = finished_fold(weights_uri, storage_config)
+    weights_uri = sequence_weights_uri(work_uri, fold, key)
+    done = finished_fold(weights_uri, key, storage_config)
     if done is not None:
-        return done
+        return {**done, "reused": True}
 
     c = cfg.sequence
     train = [r for r in rows if r["fold"] != fold]
     held_out = [r for r in rows if r["fold"] == fold]
     if len(train) < c.num_workers:
         raise ValueError(f"sequence fold {fold}: {len(train)} training studies for {c.num_workers} workers")
-    keep = ("n", "dim", "emb", "logits", "positions", "labels")
-    datasets = {
-        "train": ray.data.from_items([{k: r[k] for k in keep} for r in train]),
-        "val": ray.data.from_items([{k: r[k] for k in keep} for r in held_out]),
-    }
+    keep = ("study_uid", "n", "dim", "emb", "logits", "positions", "labels")
+
+    def items(part, equal):
+        return [{**{k: r[k] for k in keep}, "share": share} for r, share in zip(part, _shares(part, c.num_workers, equal))]
+
+    # Not split by Ray Train (its split follows arrival order): every worker reads the rows and keeps
+    # the ones assigned to its rank here, by study order. Equal training shares: every rank takes the
+    # same number of steps (DDP), like streaming_split(equal=True).
+    datasets = {"train": ray.data.from_items(items(train, True)), "val": ray.data.from_items(items(held_out, False))}
+    name = run_name("sequence", fold, key)
     trainer = TorchTrainer(
         seq_train_loop,
         train_loop_config={
             "sequence": cfg.to_dict()["sequence"], "fold": fold, "embed_dim": int(rows[0]["dim"]), "fault": fault,
-            "run_uri": ray_run_uri(work_uri, f"sequence-fold{fold}"),
+            "run_uri": ray_run_uri(work_uri, name),
             "storage_config": storage_config.for_workers() if storage_config else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         ),
-        run_config=ray_run_config(work_uri, f"sequence-fold{fold}", c.max_failures, storage_config),
+        run_config=ray_run_config(work_uri, name, c.max_failures, storage_config),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    return fit_and_export(
-        trainer, weights_uri, {"kind": "sequence", "fold": str(fold)},
-        {"fold": fold, "train_studies": len(train), "val_studies": len(held_out)}, storage_config,
+    summary = fit_and_export(
+        trainer, weights_uri, {"kind": "sequence", "fold": str(fold), "key": key},
+        {"key": key, "fold": fold, "run": name, "train_studies": len(train), "val_studies": len(held_out)}, storage_config,
     )
+    return {**summary, "reused": False}
 
 
 def predict_studies(model, rows: list[dict[str, Any]], batch: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:

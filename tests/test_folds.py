@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichd_ray.folds import assign_folds
+from ichd_ray.folds import assign_folds, assignment_sha256
 
 
 def _studies(n_patients=30, per_patient=2, seed=0):
@@ -56,3 +56,12 @@ def test_missing_patient_is_its_own_group_and_single_class_works():
 def test_errors(table, folds, message):
     with pytest.raises(ValueError, match=message):
         assign_folds(table, folds)
+
+
+def test_assignment_hash_names_the_split_not_its_order():
+    fold = assign_folds(_studies(), 3, seed=7)
+    digest = assignment_sha256(fold.to_dict())
+    assert len(digest) == 64 and digest == assignment_sha256(dict(reversed(list(fold.to_dict().items()))))
+    moved = fold.copy()
+    moved.iloc[0] = (moved.iloc[0] + 1) % 3
+    assert assignment_sha256(moved.to_dict()) != digest
