@@ -1,5 +1,8 @@
 """Training building blocks without Ray: config, schedule, checkpoints, the slice sampler, sequence batches."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,10 @@ from ichd_ray.train_sequence import _window, pad_studies
 def test_presets_validate(preset):
     cfg = load_train_config(preset)
     assert cfg.data.folds >= 2 and cfg.cnn.epochs >= 1
+    # the hash is the hash of the resolved config's sorted JSON: stable across loads, moved by any field
+    assert cfg.sha256() == hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
     assert load_train_config(preset).sha256() == cfg.sha256()
+    assert load_train_config(preset, overrides={"cnn": {"lr": cfg.cnn.lr * 2}}).sha256() != cfg.sha256()
 
 
 def test_rsna_preset_is_the_seed_recipe():
