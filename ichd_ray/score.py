@@ -321,7 +321,14 @@ def write_part(
     if rows.num_rows:
         studies = "\n".join(sorted(set(batch.column("study_uid").to_pylist())))
         part = "part-" + hashlib.sha256(studies.encode()).hexdigest()[:16]
-        write_table(rows, out_uri, table, run_id, attempt, part=part, storage_config=storage.StorageConfig.on_worker(storage_config))
+        try:
+            write_table(rows, out_uri, table, run_id, attempt, part=part, storage_config=storage.StorageConfig.on_worker(storage_config))
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            # Ray Data rewrites an OSError's filename with its retry note on the way to the driver:
+            # the URI travels in the message instead.
+            raise type(exc)(exc.errno, f"{exc.strerror}: {exc.filename or table_prefix(out_uri, table, run_id, attempt)}") from None
     return pa.table({"rows": pa.array([rows.num_rows], pa.int64()), "storage_retries": pa.array([storage.retry_count() - before], pa.int64())})
 
 
@@ -557,11 +564,27 @@ def score_job(
     )
 
 
+class _StorageErrorsOffConsole(logging.Filter):
+    """Drops Ray Data's console records of a task's storage failure: raised as itself
+    (``raise_original_map_exception``), Ray Data takes it for an internal error and logs its stack
+    trace twice, asking for a bug report; the caller reports it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not (isinstance(getattr(exc, "cause", exc), OSError) or storage.unavailable_cause(exc) is not None)
+        return not record.getMessage().startswith("Exception occurred in Ray Data or Ray Core internal code")
+
+
 def _materialize(ds):
     """``ds.materialize()``; a task's storage failure (a store that stopped answering, a denied write)
     is raised as itself, not inside Ray's wrapper, so the CLI can print one clear line."""
     import ray.exceptions
 
+    handlers = logging.getLogger("ray.data").handlers
+    quiet = _StorageErrorsOffConsole()
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         return ds.materialize()
     except ray.exceptions.RayTaskError as exc:
@@ -572,6 +595,9 @@ def _materialize(ds):
             # as raised in the task: Ray Data writes its own note into the copy's filename
             raise type(exc.cause)(exc.cause.errno, exc.cause.strerror) from None
         raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def ds_studies_uids(scored) -> list[str]:

@@ -660,13 +660,18 @@ def write_bytes(uri: UriLike, data: Any, config: StorageConfig | None = None) ->
     # memoryview is copied once here).
     payload = data if isinstance(data, (bytes, bytearray)) or scheme == "file" else bytes(memoryview(data))
     if scheme == "file":
-        tmp, fd = _open_temp(path)
+        tmp = None
         try:
+            tmp, fd = _open_temp(path)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(payload)
             os.replace(tmp, path)
-        except BaseException:
-            _unlink_quietly(tmp)
+        except BaseException as exc:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+            if isinstance(exc, OSError) and exc.errno is not None:
+                # name the target, not our temporary sibling (a failed write names no file at all)
+                raise type(exc)(exc.errno, exc.strerror, text) from None
             raise
         return
     bucket, key = _split_s3(path)
