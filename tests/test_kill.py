@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fault_scripts.proc_tree import TAG_VAR, tagged_processes
 
 from ichd_ray import storage
 
@@ -43,7 +44,6 @@ score:
 ray:
   num_cpus: 1
 """
-_TAG = "ICHD_KILL_TEST_TAG"
 
 
 # ----------------------------------------------------------------------------- the CLI, killed
@@ -77,7 +77,7 @@ class Nightly:
 
     def start(self, ttl_s: float = TTL_S) -> subprocess.Popen:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update({_TAG: self.tag, "ICHD_PATIENT_SALT": "test-salt", "PYTHONUNBUFFERED": "1",
+        env.update({TAG_VAR: self.tag, "ICHD_PATIENT_SALT": "test-salt", "PYTHONUNBUFFERED": "1",
                     # A Ray temp root of its own: a `ray start` elsewhere on this machine (its address
                     # file in /tmp/ray) would otherwise be joined by the CLI's ray.init().
                     "RAY_TMPDIR": self.inputs["ray_tmp"]})
@@ -122,7 +122,7 @@ class Nightly:
                 except ProcessLookupError:
                     pass
         for _ in range(50):
-            tagged = _tagged_processes(self.tag)
+            tagged = tagged_processes(self.tag)
             if not tagged:
                 break
             for pid in tagged:
@@ -132,30 +132,11 @@ class Nightly:
                     pass
             time.sleep(0.1)
         else:
-            raise AssertionError(f"processes of the test run still alive: {_tagged_processes(self.tag)}")
+            raise AssertionError(f"processes of the test run still alive: {tagged_processes(self.tag)}")
         for proc in self.procs:
             proc.wait()
             if proc.stdout:
                 proc.stdout.close()
-
-
-def _tagged_processes(tag: str) -> list[int]:
-    """Our uid's live (not zombie) processes whose environment carries ``tag``."""
-    needle = f"{_TAG}={tag}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    continue
-            with open(f"/proc/{name}/environ", "rb") as fh:
-                if needle in fh.read().split(b"\0"):
-                    found.append(int(name))
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return found
 
 
 @pytest.fixture
