@@ -24,6 +24,14 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 
 
+def _load_tensors(directory: str, name: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a checkpoint; anything else (a pickle, garbage) is refused unread."""
+    try:
+        return load_file(os.path.join(directory, name), device="cpu")
+    except Exception as exc:
+        raise ValueError(f"checkpoint {directory}: {name} is not valid safetensors: {exc}") from None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -49,7 +57,7 @@ def save_train_state(directory: str, model: nn.Module, optimizer: torch.optim.Op
 
 
 def load_model_weights(directory: str, model: nn.Module) -> None:
-    unwrap(model).load_state_dict(load_file(os.path.join(directory, MODEL_FILE), device="cpu"), strict=True)
+    unwrap(model).load_state_dict(_load_tensors(directory, MODEL_FILE), strict=True)
 
 
 def load_train_state(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -58,7 +66,7 @@ def load_train_state(directory: str, model: nn.Module, optimizer: torch.optim.Op
     with open(os.path.join(directory, STATE_FILE)) as fh:
         state = json.load(fh)
     saved = state.pop("optimizer")
-    tensors = load_file(os.path.join(directory, OPTIMIZER_FILE), device="cpu")
+    tensors = _load_tensors(directory, OPTIMIZER_FILE)
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
