@@ -198,10 +198,10 @@ def read_headers_on_ray(
         try:
             results = ray.get([task.remote(chunk, config.header_bytes, cfg_dict) for chunk in chunks])
         except ray.exceptions.RayTaskError as exc:
-            cause = storage.unavailable_cause(exc)
-            if cause is None:
+            failure = storage.task_storage_error(exc)
+            if failure is None:
                 raise
-            raise storage.StorageUnavailable(cause.uri, cause.detail) from None
+            raise failure from None
         frames += [rows for rows, _ in results]
         retries = sum(n for _, n in results)
     else:

@@ -417,7 +417,7 @@ def score_job(
     windows = [w.to_dict() for w in bundle_config.windows]
     rsna_fix = bool(bundle_config.preprocessing["rsna_fix"])  # validated when the bundle was read
     model_version = bundle_config.version_id
-    thresholds = [float((bundle_config.thresholds or {}).get(c, 0.5)) for c in CLASSES]
+    thresholds = [bundle_config.thresholds[c] for c in CLASSES]  # one per class: BundleConfig validates
 
     _check_cluster_fits(job, DECODE_BASE_MEMORY)  # before any work: a pool that cannot fit would hang
     ctx = ray.data.DataContext.get_current()
@@ -588,13 +588,10 @@ def _materialize(ds):
     try:
         return ds.materialize()
     except ray.exceptions.RayTaskError as exc:
-        cause = storage.unavailable_cause(exc)
-        if cause is not None:
-            raise storage.StorageUnavailable(cause.uri, cause.detail) from None
-        if isinstance(exc.cause, OSError) and exc.cause.errno is not None:
-            # as raised in the task: Ray Data writes its own note into the copy's filename
-            raise type(exc.cause)(exc.cause.errno, exc.cause.strerror) from None
-        raise
+        failure = storage.task_storage_error(exc)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         for handler in handlers:
             handler.removeFilter(quiet)

@@ -66,6 +66,7 @@ __all__ = [
     "S3_MAX_ATTEMPTS",
     "retry_count",
     "unavailable_cause",
+    "task_storage_error",
 ]
 
 UriLike = Union[str, "os.PathLike[str]"]
@@ -502,6 +503,19 @@ def unavailable_cause(exc: BaseException | None) -> StorageUnavailable | None:
             return exc
         seen.add(id(exc))
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def task_storage_error(exc: BaseException) -> Exception | None:
+    """The storage failure behind an error a Ray task raised, rebuilt for the driver, or None: a
+    :class:`StorageUnavailable`, or the task's ``OSError`` as it was raised (Ray writes its own note into
+    the copy's filename, so the URI travels in ``strerror``)."""
+    cause = unavailable_cause(exc)
+    if cause is not None:
+        return StorageUnavailable(cause.uri, cause.detail)
+    inner = getattr(exc, "cause", None)
+    if isinstance(inner, OSError) and inner.errno is not None:
+        return type(inner)(inner.errno, inner.strerror)
     return None
 
 
