@@ -45,12 +45,12 @@ def main() -> None:
     import ray
     from moto.server import ThreadedMotoServer
 
-    from ichd_ray import storage
-    from ichd_ray.config import JobConfig, ScoreConfig
+    from ichd_ray.io import storage
+    from ichd_ray.config.job import JobConfig, ScoreConfig
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.report import query
-    from ichd_ray.score import score_job
-    from ichd_ray.synth import SynthConfig, generate
+    from ichd_ray.io.results import query
+    from ichd_ray.pipeline.score import score_job
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 
 import test_dicom_fuzz as fuzz  # noqa: E402  (tests/ is on sys.path above)
-from ichd_ray.dicom import REJECT_REASONS, load_slice  # noqa: E402
+from ichd_ray.dicom.read import REJECT_REASONS, load_slice  # noqa: E402
 
 KINDS = ("delete", "garbage", "tricky", "length", "vr", "dims", "ushort", "pixels", "truncate")
 

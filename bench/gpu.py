@@ -3,10 +3,10 @@
 The CUDA code of the project (bf16 autocast, channels-last, pinned host memory, NCCL) only runs on a GPU
 machine, which may have torch and timm but not Ray, pydicom or pyarrow. So the pixels are prepared
 on a CPU machine and carried over, and this script imports nothing but torch, timm, numpy, safetensors
-and the model modules of ``ichd_ray`` (``ichd_ray.storage`` is replaced by a stub where pyarrow is
+and the model modules of ``ichd_ray`` (``ichd_ray.io.storage`` is replaced by a stub where pyarrow is
 missing: nothing here touches storage)::
 
-    # on the CPU machine (pydicom there: synthetic DICOM slices through ichd_ray.preprocess; else random)
+    # on the CPU machine (pydicom there: synthetic DICOM slices through ichd_ray.dicom.preprocess; else random)
     python bench/gpu.py --prepare bench_batches --size 512
     # on the GPU machine (densenet121 at 512, bf16, channels-last; --compile adds torch.compile)
     python bench/gpu.py --batches bench_batches --compile --out gpu.json
@@ -62,9 +62,9 @@ META = "meta.json"
 
 
 def _stub_storage(reason: str) -> None:
-    """Stand-in for ``ichd_ray.storage`` where pyarrow is missing: ``ichd_ray.models`` imports the
+    """Stand-in for ``ichd_ray.io.storage`` where pyarrow is missing: ``ichd_ray.models`` imports the
     bundle module, which imports storage (for bundles on S3) at import time."""
-    stub = types.ModuleType("ichd_ray.storage")
+    stub = types.ModuleType("ichd_ray.io.storage")
     stub.__doc__ = f"bench/gpu.py stub: the real module cannot be imported ({reason})"
 
     class StorageConfig:  # only named in annotations by the model modules
@@ -76,17 +76,17 @@ def _stub_storage(reason: str) -> None:
     stub.StorageConfig = StorageConfig
     for name in ("join", "read_bytes", "write_bytes", "exists", "list_files", "filesystem"):
         setattr(stub, name, unavailable)
-    import ichd_ray
+    import ichd_ray.io
 
-    sys.modules["ichd_ray.storage"] = stub
-    ichd_ray.storage = stub
+    sys.modules["ichd_ray.io.storage"] = stub
+    ichd_ray.io.storage = stub
 
 
 def import_models() -> tuple[types.SimpleNamespace, str | None]:
     """The model classes, importing no Ray, pydicom or pyarrow; returns (namespace, why storage is stubbed)."""
     stubbed = None
     try:
-        import ichd_ray.storage  # noqa: F401  (pyarrow)
+        import ichd_ray.io.storage  # noqa: F401  (pyarrow)
     except ImportError as exc:
         stubbed = f"{type(exc).__name__}: {exc}"
         _stub_storage(stubbed)
@@ -109,7 +109,7 @@ def prepare(directory: Path, size: int, studies: int, slices: int, seed: int) ->
     """Write uint8 studies [T, 3, size, size] as ``study_<i>.npy`` plus ``meta.json`` (positions, source).
 
     With pydicom (a CPU machine with the project installed): synthetic DICOM studies from
-    :mod:`ichd_ray.synth`, ordered by position and windowed by :func:`ichd_ray.preprocess.preprocess_slice`,
+    :mod:`ichd_ray.synthetic.generate`, ordered by position and windowed by :func:`ichd_ray.dicom.preprocess.preprocess_slice`,
     exactly the scoring job's pixels. Without: random uint8 (``source: random`` says so).
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,9 +120,9 @@ def prepare(directory: Path, size: int, studies: int, slices: int, seed: int) ->
 
         import pydicom  # noqa: F401
 
-        from ichd_ray.dicom import read_header
-        from ichd_ray.preprocess import preprocess_slice
-        from ichd_ray.synth import SynthConfig, generate
+        from ichd_ray.dicom.read import read_header
+        from ichd_ray.dicom.preprocess import preprocess_slice
+        from ichd_ray.synthetic.generate import SynthConfig, generate
 
         source = "synthetic_dicom"
         with tempfile.TemporaryDirectory() as tmp:

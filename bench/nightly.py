@@ -36,9 +36,9 @@ def main() -> int:
     import ray
     import ray.data
 
-    from ichd_ray.config import JobConfig
+    from ichd_ray.config.job import JobConfig
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.nightly import make_plan, nightly
+    from ichd_ray.pipeline.nightly import make_plan, nightly
 
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)

@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from ichd_ray.preprocess import preprocess_slice  # noqa: E402
-from ichd_ray.synth import SynthConfig, plan_study, render_slice, slice_dataset  # noqa: E402
-from ichd_ray.windowing import DEFAULT_WINDOWS, area_resize, window_slice  # noqa: E402
-from ichd_ray.dicom import load_slice  # noqa: E402
+from ichd_ray.dicom.preprocess import preprocess_slice  # noqa: E402
+from ichd_ray.synthetic.generate import SynthConfig, plan_study, render_slice, slice_dataset  # noqa: E402
+from ichd_ray.dicom.windowing import DEFAULT_WINDOWS, area_resize, window_slice  # noqa: E402
+from ichd_ray.dicom.read import load_slice  # noqa: E402
 
 from benchmarks_md import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 

@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute  # noqa: E402,F401
 
-from ichd_ray import storage  # noqa: E402
-from ichd_ray.preprocess import preprocess_slice  # noqa: E402
+from ichd_ray.io import storage  # noqa: E402
+from ichd_ray.dicom.preprocess import preprocess_slice  # noqa: E402
 
 from benchmarks_md import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
 
@@ -78,7 +78,7 @@ def pinned_loop(uris: list[str], size: int, rounds: int) -> list[float]:
 
 def pinned_decode_studies(studies: list[dict], spt: int, size: int, windows: list[dict], rounds: int) -> list[float]:
     """slices/s of ``decode_studies`` called in this process (no Ray), ``spt`` studies a call, one core."""
-    from ichd_ray.score import decode_studies
+    from ichd_ray.pipeline.score import decode_studies
 
     n = sum(len(s["uris"]) for s in studies)
     batches = [pa.Table.from_pylist(studies[i : i + spt]) for i in range(0, len(studies), spt)]
@@ -175,7 +175,7 @@ def ray_decode(studies: list[dict], spt: int, size: int, windows: list[dict], re
     import ray
     import ray.data
 
-    from ichd_ray.score import decode_studies
+    from ichd_ray.pipeline.score import decode_studies
 
     global _n_images
     if _n_images is None:
@@ -271,7 +271,7 @@ def run_score_job(manifest_uri: str, bundle_uri: str, out_uri: str, job, run_id:
     """score_job with Dataset.materialize wrapped, to keep the main pipeline's stats and timing."""
     import ray.data
 
-    from ichd_ray.score import score_job
+    from ichd_ray.pipeline.score import score_job
 
     seen: list[tuple] = []
     original = ray.data.Dataset.materialize
@@ -361,11 +361,11 @@ def main() -> None:
     import ray.data
     import torch
 
-    from ichd_ray.config import IndexConfig, JobConfig, ScoreConfig
-    from ichd_ray.manifest import build_manifest, study_table, write_manifest
+    from ichd_ray.config.job import IndexConfig, JobConfig, ScoreConfig
+    from ichd_ray.pipeline.index import build_manifest, study_table, write_manifest
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.synth import SynthConfig, generate
-    from ichd_ray.windowing import DEFAULT_WINDOWS
+    from ichd_ray.synthetic.generate import SynthConfig, generate
+    from ichd_ray.dicom.windowing import DEFAULT_WINDOWS
 
     windows = [w.to_dict() for w in DEFAULT_WINDOWS]
     cores = sorted(os.sched_getaffinity(0))[: args.cpus]

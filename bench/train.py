@@ -38,9 +38,9 @@ def main() -> int:
     import ray
     import ray.data
 
-    from ichd_ray.synth import SynthConfig, generate
-    from ichd_ray.train import train_all
-    from ichd_ray.train_config import load_train_config
+    from ichd_ray.synthetic.generate import SynthConfig, generate
+    from ichd_ray.training.recipe import train_all
+    from ichd_ray.config.train import load_train_config
 
     root = Path(args.root)
     data, model = root / "data", root / "model"

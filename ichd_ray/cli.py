@@ -48,7 +48,7 @@ def _storage_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_config(args: argparse.Namespace):
-    from ichd_ray.storage import StorageConfig
+    from ichd_ray.io.storage import StorageConfig
 
     overrides = {k: v for k, v in (("endpoint_url", args.endpoint_url), ("region", args.region)) if v}
     return StorageConfig.from_env(**overrides)
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     index = sub.add_parser("index", help="read headers only and write a manifest (one row per object)")
     index.add_argument("input", help="prefix to list (local, file://, s3://) or a .txt/.parquet list of URIs")
     index.add_argument("--out", required=True, help="manifest Parquet to write")
-    index.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    index.add_argument("--config", help="job YAML (see ichd_ray/config/job.py)")
     _storage_args(index)
 
     score = sub.add_parser("score", help="score every study under INPUT with a model bundle")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="output prefix for the result tables")
     score.add_argument("--run-id", help="default: score-<UTC timestamp>; re-using one replaces that run")
     score.add_argument("--manifest", help="use this manifest instead of indexing INPUT")
-    score.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    score.add_argument("--config", help="job YAML (see ichd_ray/config/job.py)")
     score.add_argument("--write-embeddings", action="store_true", default=None)
     score.add_argument("--num-actors", type=_positive_int)
     score.add_argument("--num-gpus-per-actor", type=float)
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
         stage.add_argument("--work", required=name == "cnn", help="work folder: manifest, cache, checkpoints (default: <out>-work)")
         stage.add_argument("--preset", choices=["demo", "rsna"], default="demo", help="starting config (default: demo)")
-        stage.add_argument("--config", help="training YAML overriding the preset (see ichd_ray/train_config.py)")
+        stage.add_argument("--config", help="training YAML overriding the preset (see ichd_ray/config/train.py)")
         stage.add_argument("--folds", type=_positive_int, help="override data.folds")
         stage.add_argument("--epochs", type=_positive_int, help="override cnn.epochs")
         stage.add_argument("--no-progress", action="store_true")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--lease-ttl", type=float, default=300.0, metavar="SECONDS",
                          help="lease lifetime, renewed every third of it: a killed run blocks a re-run on another "
                               "host this long at most, on the same host not at all (default 300)")
-    nightly.add_argument("--config", help="job YAML (see ichd_ray/config.py)")
+    nightly.add_argument("--config", help="job YAML (see ichd_ray/config/job.py)")
     nightly.add_argument("--no-progress", action="store_true")
     _storage_args(nightly)
 
@@ -175,10 +175,15 @@ EXIT_STORAGE = 3
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ichd_ray.storage import StorageUnavailable  # here, not at the top: --help stays fast
+    from ichd_ray.io.storage import StorageUnavailable  # here, not at the top: --help stays fast
+
+    from ichd_ray.pipeline.index import EmptyInput
 
     try:
         return _dispatch(args)
+    except EmptyInput as exc:  # a mistyped prefix: an input error, not a storage fault
+        print(f"ichd-ray {args.command}: {exc}; nothing was written", file=sys.stderr)
+        return 2
     except (StorageUnavailable, OSError) as exc:
         # one line naming what failed (a URI, never a credential) instead of a Ray traceback
         detail = f"{exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -191,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "synth":
-        from ichd_ray.synth import SynthConfig, generate
+        from ichd_ray.synthetic.generate import SynthConfig, generate
 
         if args.size < 32 or args.slices < 3:
             print("ichd-ray synth: --size must be >= 32 and --slices >= 3", file=sys.stderr)
@@ -227,7 +232,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "results":
         import pandas as pd
 
-        from ichd_ray.report import query
+        from ichd_ray.io.results import query
 
         with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
             print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
@@ -257,8 +262,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ichd_ray.config import ConfigError
-    from ichd_ray.train_config import load_train_config
+    from ichd_ray.config.job import ConfigError
+    from ichd_ray.config.train import load_train_config
 
     overrides = {
         "storage": {"endpoint_url": args.endpoint_url, "region": args.region},
@@ -272,14 +277,14 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
     from ichd_ray.models.bundle import BundleError
-    from ichd_ray.ray_session import init_ray
-    from ichd_ray.train import default_work_uri, train_all, train_cnn_stage, train_sequence_stage
+    from ichd_ray.pipeline.ray_session import init_ray
+    from ichd_ray.training.recipe import default_work_uri, train_all, train_cnn_stage, train_sequence_stage
 
     sc = cfg.storage.storage_config()
     out = getattr(args, "out", None)
     work = args.work or default_work_uri(out)
     if out and not args.overwrite:
-        from ichd_ray import storage
+        from ichd_ray.io import storage
         from ichd_ray.models.bundle import CONFIG_NAME
 
         if storage.exists(storage.join(out, CONFIG_NAME), sc):
@@ -310,7 +315,7 @@ def _nightly(args: argparse.Namespace) -> int:
     import datetime as dt
     import math
 
-    from ichd_ray.config import ConfigError, load_job_config
+    from ichd_ray.config.job import ConfigError, load_job_config
 
     if not (math.isfinite(args.lease_ttl) and args.lease_ttl >= 1):
         print(f"ichd-ray nightly: --lease-ttl must be a number of seconds >= 1, got {args.lease_ttl}", file=sys.stderr)
@@ -321,11 +326,11 @@ def _nightly(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ichd-ray nightly: {exc}", file=sys.stderr)
         return 2
-    from ichd_ray.lease import LeaseHeld
+    from ichd_ray.io.lease import LeaseHeld
     from ichd_ray.models.bundle import BundleError
-    from ichd_ray.nightly import EXIT_LEASE_HELD, format_plan, nightly
-    from ichd_ray.ray_session import init_ray
-    from ichd_ray.report import format_summary
+    from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, format_plan, nightly
+    from ichd_ray.pipeline.ray_session import init_ray
+    from ichd_ray.io.results import format_summary
 
     init_ray(job.ray)
     _quiet_ray(args.no_progress)
@@ -368,8 +373,8 @@ def _quiet_ray(no_progress: bool) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from ichd_ray import storage
-    from ichd_ray.evaluate import evaluate, format_table
+    from ichd_ray.io import storage
+    from ichd_ray.evaluation.evaluate import evaluate, format_table
 
     sc = _storage_config(args)
     try:  # a bad bundle is a BundleError, a ValueError
@@ -385,7 +390,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _index_or_score(args: argparse.Namespace) -> int:
-    from ichd_ray.config import ConfigError, load_job_config
+    from ichd_ray.config.job import ConfigError, load_job_config
 
     storage_overrides = {"endpoint_url": args.endpoint_url, "region": args.region}
     score_overrides = {}
@@ -405,11 +410,11 @@ def _index_or_score(args: argparse.Namespace) -> int:
         print("ichd-ray score: give INPUT or --manifest", file=sys.stderr)
         return 2
 
-    from ichd_ray.ray_session import init_ray
+    from ichd_ray.pipeline.ray_session import init_ray
 
     init_ray(job.ray)
     if args.command == "index":
-        from ichd_ray.manifest import build_manifest, write_manifest
+        from ichd_ray.pipeline.index import build_manifest, write_manifest
 
         sc = job.storage.storage_config()
         manifest = build_manifest(args.input, job.index, sc)
@@ -420,8 +425,8 @@ def _index_or_score(args: argparse.Namespace) -> int:
         print("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return 0
 
-    from ichd_ray.report import format_summary
-    from ichd_ray.score import score_job
+    from ichd_ray.io.results import format_summary
+    from ichd_ray.pipeline.score import score_job
 
     from ichd_ray.models.bundle import BundleError
 

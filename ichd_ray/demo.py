@@ -13,8 +13,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from ichd_ray import storage
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.io import storage
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -45,12 +45,12 @@ def run_demo(cfg: DemoConfig):
     """Synthesise, train, score, evaluate; prints each step and returns the scoring run summary."""
     import ray.data
 
-    from ichd_ray.evaluate import evaluate, format_table
-    from ichd_ray.ray_session import init_ray
-    from ichd_ray.report import format_summary
-    from ichd_ray.score import score_job
-    from ichd_ray.train import train_all
-    from ichd_ray.train_config import load_train_config
+    from ichd_ray.evaluation.evaluate import evaluate, format_table
+    from ichd_ray.pipeline.ray_session import init_ray
+    from ichd_ray.io.results import format_summary
+    from ichd_ray.pipeline.score import score_job
+    from ichd_ray.training.recipe import train_all
+    from ichd_ray.config.train import load_train_config
 
     started = time.perf_counter()
     # Synthetic patients only: a fixed salt keeps the demo quiet; real runs set their own.
@@ -89,6 +89,6 @@ def run_demo(cfg: DemoConfig):
     print("\n".join("      " + line for line in format_table(result).splitlines()))
     print(f"\ndone in {time.perf_counter() - started:.0f} s. The result Parquet is under {results}/ (slices, studies, errors, runs);")
     print(f"query it:  ichd-ray results {results} --sql \"SELECT study_uid, p_any, flagged FROM studies ORDER BY p_any DESC LIMIT 10\"")
-    print("DuckDB/pandas/Athena: the views in ichd_ray/sql/views.sql read only committed runs (README: Result tables)")
+    print("DuckDB/pandas/Athena: the views in ichd_ray/io/sql/views.sql read only committed runs (README: Result tables)")
     return summary
 

@@ -17,14 +17,33 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ichd_ray.dicom import REJECT_REASONS
+__all__ = ["REJECT_REASONS", "FAULT", "SELECTION", "SKIP", "OUTCOMES", "PIPELINE_REASONS", "ALL_REASONS", "REASON_CLASS", "reason_class", "count_outcomes"]
 
-__all__ = ["FAULT", "SELECTION", "SKIP", "OUTCOMES", "PIPELINE_REASONS", "ALL_REASONS", "REASON_CLASS", "reason_class", "count_outcomes"]
+#: The DICOM reader's rejection codes (:mod:`ichd_ray.dicom.read`), in the order they are checked.
+#: ``duplicate`` and ``other_series`` come from the index stage (series selection), never from a single
+#: file. ``bad_header`` follows the selection reasons and ``no_pixel_data`` (see the reader's docstring).
+#: Defined here, the bottom layer, so the result tables and reports can name them without the reader.
+REJECT_REASONS: tuple[str, ...] = (
+    "empty",
+    "not_dicom",
+    "truncated",
+    "not_ct",
+    "localizer",
+    "derived",
+    "multi_frame",
+    "no_pixel_data",
+    "bad_header",
+    "pixel_size_mismatch",
+    "missing_codec",
+    "decode_error",
+    "duplicate",
+    "other_series",
+)
 
 FAULT, SELECTION, SKIP = "fault", "selection", "skip"
 OUTCOMES = (FAULT, SELECTION, SKIP)
 
-#: Reasons the pipeline gives beside the DICOM reader's (:data:`ichd_ray.dicom.REJECT_REASONS`).
+#: Reasons the pipeline gives beside the DICOM reader's (:data:`REJECT_REASONS`).
 PIPELINE_REASONS: tuple[str, ...] = ("excluded", "read_error", "internal_error", "score_error")
 #: Every code an ``errors`` row can carry.
 ALL_REASONS: tuple[str, ...] = REJECT_REASONS + PIPELINE_REASONS

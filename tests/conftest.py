@@ -14,7 +14,7 @@ import pytest
 # Set before any ichd_ray import so PatientID hashing doesn't warn about the development salt.
 os.environ.setdefault("ICHD_PATIENT_SALT", "test-salt")
 
-from ichd_ray.storage import StorageConfig, boto3_client  # noqa: E402
+from ichd_ray.io.storage import StorageConfig, boto3_client  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ichd_ray.augment import (
+from ichd_ray.training.augment import (
     AugmentConfig,
     IntensityParams,
     RandErase,
@@ -125,7 +125,7 @@ def test_seeded_rng_is_deterministic():
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
-    from ichd_ray import augment
+    from ichd_ray.training import augment
 
     images = _batch(b=9, s=24)
     cfg = AugmentConfig(vflip_p=0.5, erase_p=0.5)

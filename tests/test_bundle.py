@@ -1,4 +1,4 @@
-"""Model bundles (local and S3) and the study scorer."""
+"""Model bundles (local and S3); the study scorer: test_inference.py."""
 
 from __future__ import annotations
 
@@ -7,27 +7,26 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from ichd_ray import CLASSES, storage
+from ichd_ray import CLASSES
+
+from ichd_ray.io import storage
 from ichd_ray.models import (
     BundleConfig,
     BundleError,
     SequenceConfig,
     SequenceModel,
     SliceCNN,
-    StudyInput,
-    StudyScorer,
     init_bundle,
     load_bundle,
     load_bundle_config,
     save_bundle,
 )
-from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization
+from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -258,91 +257,3 @@ def test_init_bundle_rejects_bad_arguments(tmp_path):
         init_bundle(str(tmp_path / "x"), BACKBONE, folds=0)
     with pytest.raises(BundleError, match="sequence: rnn must be one of"):
         init_bundle(str(tmp_path / "x"), BACKBONE, sequence={"rnn": "tcn"})
-
-
-# ---------------------------------------------------------------------------------------------
-# StudyScorer
-# ---------------------------------------------------------------------------------------------
-
-
-def _studies(lengths: list[int], size: int = SIZE) -> list[StudyInput]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i, t in enumerate(lengths):
-        images = rng.integers(0, 256, (t, 3, size, size), dtype=np.uint8)
-        positions = np.cumsum(rng.uniform(4.5, 5.5, t)) - 80.0
-        out.append(StudyInput(images=images, positions=positions, study_id=f"s{i}"))
-    return out
-
-
-def _manual_scores(bundle, study: StudyInput) -> tuple[np.ndarray, np.ndarray]:
-    """One study through each fold pair by hand, averaging sigmoid probabilities."""
-    slice_probs, study_probs = [], []
-    dz = torch.zeros(1, len(study.images))
-    dz[0, 1:] = torch.from_numpy(np.diff(study.positions)).float()
-    mask = torch.ones(1, len(study.images), dtype=torch.bool)
-    with torch.no_grad():
-        for cnn, seq in bundle.models:
-            emb, logits = cnn(torch.from_numpy(study.images))
-            s, st = seq(emb[None], logits[None], dz, mask)
-            slice_probs.append(torch.sigmoid(s[0]))
-            study_probs.append(torch.sigmoid(st[0]))
-    return torch.stack(slice_probs).mean(0).numpy(), torch.stack(study_probs).mean(0).numpy()
-
-
-@pytest.fixture(scope="module")
-def two_fold_bundle(tmp_path_factory):
-    uri = str(tmp_path_factory.mktemp("scorer") / "bundle")
-    # Wider random heads than the default init, so the folds' outputs differ visibly from 0.5.
-    config = _config(folds=2)
-    cnns, seqs = _models(config, seed=3)
-    with torch.no_grad():
-        for cnn, seq in zip(cnns, seqs):
-            cnn.head.weight.mul_(20)
-            seq.rnn_head.weight.mul_(5)
-            seq.study_head.weight.mul_(5)
-    save_bundle(uri, config, cnns, seqs)
-    return load_bundle(uri)
-
-
-def test_scorer_matches_manual_fold_average(two_fold_bundle):
-    studies = _studies([5, 8])
-    scores = StudyScorer(two_fold_bundle, "cpu").score(studies)
-    assert len(scores) == 2
-    for study, result in zip(studies, scores):
-        t = len(study.images)
-        assert result.slice_probs.shape == (t, 6) and result.slice_probs.dtype == np.float32
-        assert result.study_probs.shape == (6,) and result.study_probs.dtype == np.float32
-        assert result.embeddings is None
-        slice_ref, study_ref = _manual_scores(two_fold_bundle, study)
-        np.testing.assert_allclose(result.slice_probs, slice_ref, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(result.study_probs, study_ref, rtol=0, atol=1e-5)
-    assert np.ptp(scores[1].slice_probs) > 0.05  # the comparison above is not between constants
-
-
-def test_scorer_chunking_and_embeddings(two_fold_bundle):
-    studies = _studies([5, 8, 1])
-    whole = StudyScorer(two_fold_bundle, "cpu", cnn_chunk=64, return_embeddings=True).score(studies)
-    chunked = StudyScorer(two_fold_bundle, "cpu", cnn_chunk=3, embedding_fold=0).score(studies, return_embeddings=True)
-    for a, b, study in zip(whole, chunked, studies):
-        np.testing.assert_allclose(a.slice_probs, b.slice_probs, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(a.study_probs, b.study_probs, rtol=0, atol=1e-6)
-        assert a.embeddings.dtype == np.float16 and a.embeddings.shape == (len(study.images), 96)
-        np.testing.assert_allclose(a.embeddings.astype(np.float32), b.embeddings.astype(np.float32), atol=1e-3)
-        with torch.no_grad():
-            emb = two_fold_bundle.models[0][0].forward_features(torch.from_numpy(study.images))
-        np.testing.assert_allclose(a.embeddings.astype(np.float32), emb.half().float().numpy(), atol=1e-3)
-
-
-def test_scorer_input_errors(two_fold_bundle):
-    scorer = StudyScorer(two_fold_bundle, "cpu")
-    assert scorer.score([]) == []
-    with pytest.raises(ValueError, match="study s0: images are .* expects 32x32"):
-        scorer.score(_studies([3], size=64))
-    with pytest.raises(ValueError, match="uint8"):
-        StudyInput(images=np.zeros((2, 3, SIZE, SIZE), dtype=np.float32), positions=np.zeros(2))
-    with pytest.raises(ValueError, match=r"positions must be \[2\]"):
-        StudyInput(images=np.zeros((2, 3, SIZE, SIZE), dtype=np.uint8), positions=np.zeros(3))
-    with pytest.raises(ValueError, match="embedding_fold"):
-        StudyScorer(two_fold_bundle, "cpu", embedding_fold=2)
-    assert scorer.score(_studies([2]), return_embeddings=False)[0].embeddings is None

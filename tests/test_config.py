@@ -1,6 +1,6 @@
 import pytest
 
-from ichd_ray.config import ConfigError, JobConfig, from_dict, load_job_config
+from ichd_ray.config.job import ConfigError, JobConfig, from_dict, load_job_config
 
 
 def test_defaults_validate_and_hash_stably():

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut
 
-from ichd_ray.dicom import (
+from ichd_ray.dicom.read import (
     REJECT_REASONS,
     DicomError,
     hash_patient_id,
@@ -112,7 +112,7 @@ def test_patient_hash_is_salted_and_stable(monkeypatch):
     monkeypatch.setenv("ICHD_PATIENT_SALT", "env-salt")
     assert hash_patient_id("P1") == hash_patient_id("P1", "env-salt")
     monkeypatch.delenv("ICHD_PATIENT_SALT")
-    import ichd_ray.dicom as dicom
+    import ichd_ray.dicom.read as dicom
 
     dicom._warn_development_salt.cache_clear()
     with pytest.warns(UserWarning, match="ICHD_PATIENT_SALT"):
@@ -329,7 +329,7 @@ def test_sources_bytes_path_and_pathlike(tmp_path):
 
 def test_read_header_reads_no_pixels(tmp_path, monkeypatch):
     data = ct_bytes(head_like(64))
-    import ichd_ray.dicom as dicom
+    import ichd_ray.dicom.read as dicom
 
     monkeypatch.setattr(dicom, "decode_stored", lambda *_: pytest.fail("header reader decoded pixels"))
     meta = read_header(data)
@@ -338,7 +338,7 @@ def test_read_header_reads_no_pixels(tmp_path, monkeypatch):
 
 
 def test_read_header_from_a_prefix_of_the_object():
-    from ichd_ray.dicom import IncompleteHeader
+    from ichd_ray.dicom.read import IncompleteHeader
 
     for data in (ct_bytes(head_like(64)), Path(get_testdata_file("693_J2KR.dcm")).read_bytes()):
         full = read_header(data)
@@ -588,7 +588,7 @@ def test_pydicom_log_records_never_carry_patient_identifiers(caplog):
 def test_decoded_values_outside_bits_stored_are_rejected():
     """Found by the fuzz: a JPEG-LS slice whose BitsStored was garbled to 1. The decoder returns the
     codestream's 16-bit values; preprocess's window table assumed BitsStored and clipped them."""
-    from ichd_ray.preprocess import preprocess_slice
+    from ichd_ray.dicom.preprocess import preprocess_slice
 
     ds = ct_dataset(head_like(64))
     ds.compress(pydicom.uid.JPEGLSLossless)

@@ -2,7 +2,7 @@
 
 Seeds are valid slices: pydicom's and pydicom-data's real CTs (native, JPEG lossless, JPEG 2000, one
 with UN VRs) and synthetic ones (int16, 12-bit RSNA-wrapped, slope 0.5, implicit VR, big endian, RLE,
-JPEG-LS, JPEG 2000, a ``ichd_ray.synth`` slice), each with marker values in the patient-identifying
+JPEG-LS, JPEG 2000, a ``ichd_ray.synthetic.generate`` slice), each with marker values in the patient-identifying
 elements. A mutation edits the *encoded bytes* (what a broken writer or a bad disk produces): delete
 an element, replace its value with garbage or a tricky string, rewrite its length or VR, claim
 other Rows/Columns (65535 included), overwrite pixel payload bytes, truncate the file.
@@ -49,9 +49,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from ichd_ray.dicom import REJECT_REASONS, DicomError, load_slice, read_header
-from ichd_ray.preprocess import preprocess_slice
-from ichd_ray.windowing import window_slice
+from ichd_ray.dicom.read import REJECT_REASONS, DicomError, load_slice, read_header
+from ichd_ray.dicom.preprocess import preprocess_slice
+from ichd_ray.dicom.windowing import window_slice
 
 from dicom_factory import Span, ct_dataset, element_spans, head_like, set_length_field, to_bytes
 
@@ -148,7 +148,7 @@ def _synthetic(kind: str) -> bytes:
         ds.compress(syntax, **({"encoding_plugin": "pylibjpeg"} if kind == "rle" else {}))
         return _with_markers(ds)
     if kind == "synth":
-        from ichd_ray.synth import SynthConfig, plan_study, render_study
+        from ichd_ray.synthetic.generate import SynthConfig, plan_study, render_study
 
         cfg = SynthConfig(studies=1, slices=3, size=64, seed=3, compressed_fraction=0.0)
         data = render_study(cfg, plan_study(cfg, 0, 0))[0][1][1]

@@ -8,15 +8,15 @@ import pyarrow as pa
 import pytest
 
 from ichd_ray import CLASSES
-from ichd_ray import evaluate as ev
-from ichd_ray.evaluate import (
+from ichd_ray.evaluation import evaluate as ev
+from ichd_ray.evaluation.evaluate import (
     evaluate,
     evaluate_predictions,
     format_table,
     read_predictions,
 )
-from ichd_ray.labels import parse_labels
-from ichd_ray.outputs import (
+from ichd_ray.evaluation.labels import parse_labels
+from ichd_ray.io.tables import (
     ERRORS_SCHEMA,
     SLICES_SCHEMA,
     STUDIES_SCHEMA,

@@ -68,7 +68,7 @@ RAY_LOG_ENV = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.synth import SynthConfig, generate
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("disk")
     generate(str(root / "archive"), SynthConfig(studies=4, slices=6, size=64, seed=7, compressed_fraction=0.25, bad_files=2))
@@ -154,7 +154,7 @@ def _one_line_error(stderr: str) -> str:
 def _nothing_visible(out: Path) -> None:
     import duckdb
 
-    from ichd_ray.report import query
+    from ichd_ray.io.results import query
 
     assert not list(out.glob("runs/*/run.parquet")), "a run was committed"
     for table in ("runs", "slices", "studies", "errors"):

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from s3_proxy import FaultPolicy, FaultProxy
 
-from ichd_ray import storage
-from ichd_ray.config import JobConfig, ScoreConfig
+from ichd_ray.io import storage
+from ichd_ray.config.job import JobConfig, ScoreConfig
 from ichd_ray.models.bundle import init_bundle
-from ichd_ray.report import query
-from ichd_ray.score import score_job
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.io.results import query
+from ichd_ray.pipeline.score import score_job
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def test_past_the_retry_budget_the_run_stops_uncommitted_and_the_next_succeeds(r
     # every read of an archive object is throttled: the decode tasks exhaust their retries
     policy = FaultPolicy(rate=1.0, faults=("slowdown",), methods=("GET",), path_contains="/archive/")
     manifest = f"s3://{bucket}/budget-manifest.parquet"
-    from ichd_ray.manifest import build_manifest, write_manifest
+    from ichd_ray.pipeline.index import build_manifest, write_manifest
 
     write_manifest(build_manifest(archive, JOB.index, s3_server.config), manifest, s3_server.config)
     with FaultProxy(s3_server.endpoint_url, policy) as proxy:
@@ -123,7 +123,7 @@ def test_a_read_only_bucket_fails_clearly_with_nothing_visible(ray_session, s3_s
 
 
 def test_nightly_through_faults_commits_what_a_clean_night_does(ray_session, s3_server, s3_inputs):
-    from ichd_ray.nightly import nightly
+    from ichd_ray.pipeline.nightly import nightly
 
     bucket, archive, bundle = s3_inputs
     clean_out, faulty_out = f"s3://{bucket}/night-clean", f"s3://{bucket}/night-faulty"

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichd_ray.folds import assign_folds, assignment_sha256
+from ichd_ray.training.folds import assign_folds, assignment_sha256
 
 
 def _studies(n_patients=30, per_patient=2, seed=0):

@@ -79,7 +79,7 @@ def test_toy_bench_on_cpu(tmp_path):
 @pytest.mark.parametrize("blocked", [WITHOUT_RAY_PYDICOM, BARE_GPU_BOX], ids=["no_ray_pydicom", "torch_timm_numpy_only"])
 def test_bench_runs_on_batches_prepared_elsewhere_without_ray_or_pydicom(tmp_path, blocked):
     batches = tmp_path / "batches"
-    _run([*TOY, "--prepare", str(batches)])  # the CPU machine: synthetic DICOM -> ichd_ray.preprocess
+    _run([*TOY, "--prepare", str(batches)])  # the CPU machine: synthetic DICOM -> ichd_ray.dicom.preprocess
     meta = json.loads((batches / "meta.json").read_text())
     assert meta["source"] == "synthetic_dicom" and meta["size"] == 32 and len(meta["studies"]) == 2
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from ichd_ray.models.bundle import init_bundle
-from ichd_ray.outputs import read_run
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.io.tables import read_run
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 from fault_scripts.proc_tree import TAG_VAR, tagged_processes
 
-from ichd_ray import storage
+from ichd_ray.io import storage
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -53,7 +53,7 @@ ray:
 def inputs(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A small synthetic archive, a bundle and a job YAML (1 local CPU, fractional tasks)."""
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.synth import SynthConfig, generate
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("kill")
     generate(str(root / "archive"), SynthConfig(studies=3, slices=4, size=32, seed=5, compressed_fraction=0.0), workers=1)
@@ -177,7 +177,7 @@ def committed(out: str) -> bool:
 
 def committed_output(out: str) -> dict[str, pd.DataFrame]:
     """The committed tables, sorted, without what differs between two runs of the same plan."""
-    from ichd_ray.report import query
+    from ichd_ray.io.results import query
 
     def table(sql: str, keys: list[str]) -> pd.DataFrame:
         df = query(out, sql)
@@ -205,7 +205,7 @@ def assert_same_output(out: str, clean: dict[str, pd.DataFrame]) -> None:
 
 
 def json_run(out: str) -> dict:
-    from ichd_ray.outputs import read_run
+    from ichd_ray.io.tables import read_run
 
     return read_run(out, RUN_ID)
 
@@ -301,7 +301,7 @@ def test_a_commit_whose_response_was_lost_is_one_commit(s3_bucket, monkeypatch) 
     import urllib3
     from botocore.exceptions import ConnectionClosedError
 
-    from ichd_ray.outputs import RUNS_SCHEMA, commit_run, read_run
+    from ichd_ray.io.tables import RUNS_SCHEMA, commit_run, read_run
 
     bucket, config = s3_bucket
     out = f"s3://{bucket}/out"

@@ -3,8 +3,9 @@ import pandas as pd
 import pytest
 
 from ichd_ray import CLASSES
-from ichd_ray.labels import LabelsError, label_id, labels_for, parse_labels, read_labels
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.evaluation.labels import LabelsError, label_id, labels_for, parse_labels
+from ichd_ray.io import storage
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 
 def rows(image: str, positives: set[str] = frozenset()) -> list[str]:
@@ -81,6 +82,11 @@ def test_labels_for_looks_up_dotted_and_rsna_uids():
     assert y[3].tolist() == y[1].tolist()  # a bare RSNA hash gets its ID_ prefix
     empty_y, empty_found = labels_for([], table)
     assert empty_y.shape == (0, 6) and empty_found.shape == (0,)
+
+
+def read_labels(uri):
+    """What evaluate and training do: storage reads the bytes, the labels module parses them."""
+    return parse_labels(storage.read_bytes(uri), name=uri)
 
 
 def test_round_trip_with_synth_labels(tmp_path):

@@ -1,4 +1,4 @@
-"""ichd_ray.lease on local files and on moto's S3 server (which enforces conditional writes)."""
+"""ichd_ray.io.lease on local files and on moto's S3 server (which enforces conditional writes)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from botocore.exceptions import ClientError
 
-from ichd_ray import storage
-from ichd_ray.lease import (
+from ichd_ray.io import storage
+from ichd_ray.io.lease import (
     Lease,
     LeaseHeld,
     LeaseKeeper,
@@ -28,7 +28,7 @@ from ichd_ray.lease import (
     release,
     renew,
 )
-from ichd_ray.storage import StorageConfig
+from ichd_ray.io.storage import StorageConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,7 +152,7 @@ def test_release_falls_back_to_compare_then_delete(
     """With a botocore that lacks DeleteObject IfMatch, release still never deletes another holder's lease."""
     bucket, config = s3_bucket
     uri = lease_uri(f"s3://{bucket}/out")
-    monkeypatch.setattr("ichd_ray.lease._supports_conditional_delete", lambda client: False)
+    monkeypatch.setattr("ichd_ray.io.lease._supports_conditional_delete", lambda client: False)
     first = acquire(uri, holder="run-a", ttl=HOUR, storage_config=config, now=T0)
     second = acquire(uri, holder="run-b", ttl=HOUR, storage_config=config, now=T0 + HOUR)
     with pytest.raises(LeaseLost):
@@ -178,7 +178,7 @@ def test_release_then_acquire_and_release_twice(target: Target) -> None:
 def test_corrupt_body_counts_as_expired(target: Target, caplog: pytest.LogCaptureFixture) -> None:
     uri, config = target
     storage.write_bytes(uri, b'{"holder": "half-writ', config)
-    with caplog.at_level(logging.WARNING, logger="ichd_ray.lease"):
+    with caplog.at_level(logging.WARNING, logger="ichd_ray.io.lease"):
         lease = acquire(uri, holder="run-b", storage_config=config)
     assert "unreadable" in caplog.text
     assert _holder_now(uri, config) == "run-b"
@@ -299,8 +299,8 @@ def test_rejects_bad_arguments(tmp_path) -> None:
 _HOLDER_SCRIPT = """
 import json, sys, time
 from datetime import timedelta
-from ichd_ray.lease import LeaseKeeper, acquire
-from ichd_ray.storage import StorageConfig
+from ichd_ray.io.lease import LeaseKeeper, acquire
+from ichd_ray.io.storage import StorageConfig
 uri, cfg, ttl, mode = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 config = StorageConfig.from_dict(cfg) if cfg else None
 if mode == "keeper":
@@ -409,7 +409,7 @@ def test_a_dead_holder_on_another_host_lapses_only_with_its_ttl(target: Target, 
 def test_a_live_renewing_holder_is_never_displaced(target: Target, holder_process, monkeypatch) -> None:
     """A keeper in another process renewing a 3 s lease keeps it for more than three TTLs, as seen from
     this host and from another one (where only its renewals keep it); killed, it is taken over at once."""
-    from ichd_ray import lease as lease_module
+    from ichd_ray.io import lease as lease_module
 
     uri, config = target
     ttl = 3.0

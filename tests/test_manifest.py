@@ -1,7 +1,11 @@
+import pathlib
+
 import pandas as pd
 import pytest
 
-from ichd_ray.manifest import MANIFEST_SCHEMA, select_series, study_table
+from ichd_ray.cli import main
+from ichd_ray.config.job import IndexConfig
+from ichd_ray.pipeline.index import MANIFEST_SCHEMA, EmptyInput, list_inputs, select_series, study_table
 
 
 def rows(study, series, n, thickness=5.0, start=0.0, step=5.0, prefix="f", normal_z=1.0, **extra):
@@ -77,3 +81,29 @@ def test_study_table_rows():
     assert [s["study_uid"] for s in table] == ["s1", "s2"]
     assert table[1]["uris"] == ["f-b-000.dcm", "f-b-001.dcm", "f-b-002.dcm"]
     assert table[1]["slice_indices"] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------ an empty listing
+# A mistyped prefix (or a bucket the credentials cannot list) lists nothing. Scoring it used to commit an
+# empty "succeeded" run, and a nightly would have tombstoned every study of the archive: refused instead.
+
+
+def test_listing_nothing_is_refused_with_the_prefix_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for uri in (str(tmp_path / "no_such_prefix"), str(tmp_path / "empty")):
+        with pytest.raises(EmptyInput, match=f"no objects under {uri}"):
+            list_inputs(uri, IndexConfig())
+    listing = tmp_path / "list.txt"
+    listing.write_text("# nothing yet\n")
+    with pytest.raises(EmptyInput, match="names no objects"):
+        list_inputs(str(listing), IndexConfig())
+
+
+@pytest.mark.timeout(240)
+def test_scoring_a_mistyped_prefix_commits_nothing(ray_session, tmp_path, capsys):
+    bundle = pathlib.Path(__file__).parent / "data" / "frozen_bundle_v0" / "bundle"
+    out = tmp_path / "out"
+    rc = main(["score", str(tmp_path / "typo"), "--model", str(bundle), "--out", str(out), "--no-progress"])
+    assert rc != 0
+    assert f"no objects under {tmp_path / 'typo'}" in capsys.readouterr().err
+    assert not (out / "runs").exists()

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import f1_score as sk_f1
 from sklearn.metrics import log_loss, roc_auc_score
 
-from ichd_ray.metrics import (
+from ichd_ray.evaluation.metrics import (
     CLASS_WEIGHTS,
     choose_thresholds,
     confusion,

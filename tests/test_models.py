@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from ichd_ray import CLASSES
 from ichd_ray.models import (
     CLASS_WEIGHTS,
-    SEQUENCE_MODELS,
+    RNN_TYPES,
     SequenceConfig,
     SequenceModel,
     SliceCNN,
@@ -144,8 +144,8 @@ def test_sequence_model_shapes(rnn):
 
 
 def test_sequence_registry_and_config():
-    assert set(SEQUENCE_MODELS) == {"gru", "lstm"}
-    model = SEQUENCE_MODELS["lstm"](24, proj_dims=(16,), hidden=4)
+    assert RNN_TYPES == {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
+    model = SequenceModel(24, proj_dims=(16,), hidden=4, rnn="lstm")
     assert model.config == SequenceConfig(proj_dims=(16,), hidden=4, rnn="lstm")
     assert SequenceModel.from_config(24, model.config).config == model.config
     with pytest.raises(ValueError, match=r"rnn must be one of \['gru', 'lstm'\], got 'transformer'"):

@@ -8,12 +8,12 @@ import shutil
 import pandas as pd
 import pytest
 
-from ichd_ray import storage
-from ichd_ray.config import JobConfig
+from ichd_ray.io import storage
+from ichd_ray.config.job import JobConfig
 from ichd_ray.models.bundle import init_bundle
-from ichd_ray.nightly import EXIT_LEASE_HELD, diff_listing, nightly, plan_studies
-from ichd_ray.report import query
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, diff_listing, nightly, plan_studies
+from ichd_ray.io.results import query
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -106,18 +106,18 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
     assert sorted(e.uri for e in storage.list_files(out)) == before
 
     # Night 4: a new model version rescoring everything; the run is killed before its commit.
-    import ichd_ray.score
+    import ichd_ray.pipeline.score
 
-    real_commit = ichd_ray.score.commit_run
+    real_commit = ichd_ray.pipeline.score.commit_run
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed before the commit")
 
-    monkeypatch.setattr(ichd_ray.score, "commit_run", killed)
+    monkeypatch.setattr(ichd_ray.pipeline.score, "commit_run", killed)
     with pytest.raises(KeyboardInterrupt):
         nightly(archive, v2, out, now=night(4), **run)
     assert set(_latest(out)["model_version"]) == {version1}  # nothing of the killed run is visible
-    monkeypatch.setattr(ichd_ray.score, "commit_run", real_commit)
+    monkeypatch.setattr(ichd_ray.pipeline.score, "commit_run", real_commit)
 
     # Night 5 (a new study arrived meanwhile) replays... no: the re-run of night 4 repeats night 4's plan.
     generate(str(tmp_path / "late"), dataclasses.replace(SYNTH, studies=1, seed=123), workers=1)
@@ -163,6 +163,16 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
     due = nightly(archive, v1, out, now=night(6), dry_run=True, **run)
     assert sorted(due.plan.plan["reason"]) == ["model"] * 4
 
+    # The archive prefix lists nothing (moved away, a typo, credentials that cannot list it): refused,
+    # rather than a night that marks every study deleted.
+    runs_before = query(out, "SELECT count(*) AS n FROM runs")["n"].iloc[0]
+    shutil.move(archive, str(tmp_path / "archive-moved"))
+    code = main(["nightly", "--archive", archive, "--model", v1, "--out", out, "--no-progress"])
+    assert code == 2 and f"no objects under {archive}" in capsys.readouterr().err
+    assert query(out, "SELECT count(*) AS n FROM runs")["n"].iloc[0] == runs_before
+    assert not query(out, "SELECT bool_or(deleted) AS d FROM latest_index WHERE study_uid <> '" + gone + "'")["d"].iloc[0]
+    shutil.move(str(tmp_path / "archive-moved"), archive)
+
     # Every `ichd-ray results` example of the README answers on this output.
     examples = _readme_examples()
     assert len(examples) == 3
@@ -183,7 +193,7 @@ def _readme_examples() -> list[str]:
 
 def test_a_held_lease_stops_a_second_run(ray_session, bundles, tmp_path, capsys):
     from ichd_ray.cli import main
-    from ichd_ray.lease import LeaseHeld, acquire
+    from ichd_ray.io.lease import LeaseHeld, acquire
 
     (v1, _), _ = bundles
     archive, out = str(tmp_path / "archive"), str(tmp_path / "out")
@@ -196,15 +206,15 @@ def test_a_held_lease_stops_a_second_run(ray_session, bundles, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == EXIT_LEASE_HELD and "other-host:4242:run" in err
     assert not storage.list_files(storage.join(out, "runs"))  # the loser wrote nothing
-    from ichd_ray.lease import release
+    from ichd_ray.io.lease import release
 
     release(holder)
     assert nightly(archive, v1, out, job=JOB).summary.status == "succeeded"
 
 
 def test_nightly_on_s3(ray_session, bundles, s3_bucket, monkeypatch):
-    import ichd_ray.score
-    from ichd_ray.lease import LeaseHeld, acquire, release
+    import ichd_ray.pipeline.score
+    from ichd_ray.io.lease import LeaseHeld, acquire, release
 
     (v1, _), (v2, version2) = bundles
     bucket, config = s3_bucket
@@ -229,11 +239,11 @@ def test_nightly_on_s3(ray_session, bundles, s3_bucket, monkeypatch):
     release(held)
 
     # A new model version, killed before its commit, then re-run: all 4 rescored once, nothing lost.
-    real_commit = ichd_ray.score.commit_run
-    monkeypatch.setattr(ichd_ray.score, "commit_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    real_commit = ichd_ray.pipeline.score.commit_run
+    monkeypatch.setattr(ichd_ray.pipeline.score, "commit_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         nightly(archive, v2, out, now=night(4), **run)
-    monkeypatch.setattr(ichd_ray.score, "commit_run", real_commit)
+    monkeypatch.setattr(ichd_ray.pipeline.score, "commit_run", real_commit)
     assert set(_latest(out, config)["model_version"]) != {version2}
     fourth = nightly(archive, v2, out, now=night(4), **run)
     assert fourth.plan.reused and sorted(fourth.plan.plan["reason"]) == ["model"] * 4

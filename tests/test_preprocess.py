@@ -5,9 +5,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from ichd_ray.dicom import DicomError, load_slice
-from ichd_ray.preprocess import block_sum, preprocess_slice
-from ichd_ray.windowing import WindowSpec, window_slice
+from ichd_ray.dicom.read import DicomError, load_slice
+from ichd_ray.dicom.preprocess import block_sum, preprocess_slice
+from ichd_ray.dicom.windowing import WindowSpec, window_slice
 
 from dicom_factory import ct_bytes, ct_dataset, head_like, to_bytes
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from ichd_ray.dicom import REJECT_REASONS
+from ichd_ray.dicom.read import REJECT_REASONS
 from ichd_ray.reasons import ALL_REASONS, OUTCOMES, REASON_CLASS, count_outcomes, reason_class
-from ichd_ray.score import run_problems
+from ichd_ray.pipeline.score import run_problems
 
 
 def test_every_reason_code_is_mapped_exactly_once():

@@ -12,13 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichd_ray import CLASSES, storage
-from ichd_ray.config import JobConfig, ScoreConfig
+from ichd_ray import CLASSES
+
+from ichd_ray.io import storage
+from ichd_ray.config.job import JobConfig, ScoreConfig
 from ichd_ray.models.bundle import init_bundle
-from ichd_ray.outputs import read_run
-from ichd_ray.report import query
-from ichd_ray.score import score_job
-from ichd_ray.synth import SynthConfig, generate
+from ichd_ray.io.tables import read_run
+from ichd_ray.io.results import query
+from ichd_ray.pipeline.score import score_job
+from ichd_ray.synthetic.generate import SynthConfig, generate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,8 +102,8 @@ def test_score_local_end_to_end(ray_session, dataset):
 
 
 def test_a_slice_lost_after_indexing_shortens_its_study_and_is_counted(ray_session, dataset, tmp_path):
-    from ichd_ray.config import IndexConfig
-    from ichd_ray.manifest import build_manifest, write_manifest
+    from ichd_ray.config.job import IndexConfig
+    from ichd_ray.pipeline.index import build_manifest, write_manifest
 
     root, data, bundle = dataset
     archive = tmp_path / "archive"
@@ -257,7 +259,7 @@ def test_embeddings_and_cli(ray_session, dataset, capsys):
 
 
 def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, dataset):
-    from ichd_ray.config import ConfigError
+    from ichd_ray.config.job import ConfigError
 
     root, data, bundle = dataset
     job = dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, num_actors=2, cpus_per_actor=1.0))
@@ -280,7 +282,7 @@ def _nodes(*specs):
 def _fit(monkeypatch, nodes, job, decode_memory=1 * GIB):
     import ray
 
-    from ichd_ray.score import _check_cluster_fits
+    from ichd_ray.pipeline.score import _check_cluster_fits
 
     totals = {k: sum(n["Resources"].get(k, 0.0) for n in nodes if n["Alive"]) for k in ("CPU", "GPU", "memory")}
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
@@ -289,7 +291,7 @@ def _fit(monkeypatch, nodes, job, decode_memory=1 * GIB):
 
 
 def test_the_pool_check_places_actors_and_a_decode_task_on_real_nodes(monkeypatch):
-    from ichd_ray.config import ConfigError
+    from ichd_ray.config.job import ConfigError
 
     def job(**score):
         return dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, **score))

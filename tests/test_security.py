@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import pytest
 import torch
 
-from ichd_ray import storage
+from ichd_ray.io import storage
 from ichd_ray.models.bundle import BundleError, cnn_filename, init_bundle, load_bundle, load_bundle_config, seq_filename
 
 BACKBONE = "test_resnet"
@@ -71,7 +71,7 @@ def no_unpickling(monkeypatch):
     import ray.train  # noqa: F401
     import safetensors.torch  # noqa: F401
 
-    import ichd_ray.checkpoint  # noqa: F401
+    import ichd_ray.training.checkpoint  # noqa: F401
 
     def refuse(*args, **kwargs):
         raise AssertionError("the code under test tried to unpickle data")
@@ -147,7 +147,7 @@ def test_bundle_config_that_is_a_pickle_is_refused_unread(tmp_path, kind, no_unp
 
 
 def _train_state(directory: Path):
-    from ichd_ray.checkpoint import save_train_state
+    from ichd_ray.training.checkpoint import save_train_state
     from ichd_ray.models.slice_cnn import SliceCNN
 
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def _train_state(directory: Path):
 @pytest.mark.parametrize("kind", ["torch_save", "raw_pickle"])
 @pytest.mark.parametrize("target", ["model.safetensors", "optimizer.safetensors"])
 def test_training_checkpoint_with_pickled_tensors_is_refused_unread(tmp_path, kind, target, no_unpickling):
-    from ichd_ray.checkpoint import load_train_state
+    from ichd_ray.training.checkpoint import load_train_state
 
     folder = tmp_path / "ckpt"
     model, optimizer = _train_state(folder)
@@ -182,7 +182,7 @@ def test_training_checkpoint_restored_from_storage_is_refused_unread(tmp_path, m
     """The resume path that reads a Ray Train run's checkpoints from storage (``restore_train_state``)."""
     import ray.train
 
-    from ichd_ray.checkpoint import restore_train_state
+    from ichd_ray.training.checkpoint import restore_train_state
 
     run = tmp_path / "ray_train" / "cnn-fold0"
     model, optimizer = _train_state(run / "checkpoint_000000")
@@ -257,7 +257,7 @@ def _phi_archive(root: Path) -> dict[str, Any]:
 
     import pydicom
 
-    from ichd_ray.synth import SynthConfig, generate
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
     generate(str(root), SynthConfig(studies=2, slices=4, size=32, seed=5, compressed_fraction=0.0))
     patients: dict[str, str] = {}
@@ -397,10 +397,10 @@ def _worker_env(ray, name: str) -> str | None:
 @pytest.mark.timeout(300)
 def test_patient_salt_never_travels_through_ray(ray_session, tmp_path, monkeypatch):
     ray = ray_session
-    from ichd_ray.config import JobConfig
-    from ichd_ray.dicom import _DEV_SALT
-    from ichd_ray.manifest import build_manifest
-    from ichd_ray.nightly import make_plan
+    from ichd_ray.config.job import JobConfig
+    from ichd_ray.dicom.read import _DEV_SALT
+    from ichd_ray.pipeline.index import build_manifest
+    from ichd_ray.pipeline.nightly import make_plan
 
     archive = tmp_path / "archive"
     patients = _phi_archive(archive)["patients"]
@@ -467,7 +467,7 @@ ray: {num_cpus: 2}
 def phi_world(s3_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """A marked archive on the moto endpoint, uploaded with marker credentials; a local bundle; the
     environment the CLI subprocesses get (marker secret, token and salt; their own Ray temp dir)."""
-    from ichd_ray.storage import StorageConfig, boto3_client
+    from ichd_ray.io.storage import StorageConfig, boto3_client
 
     root = tmp_path_factory.mktemp("phi")
     info = _phi_archive(root / "archive")
@@ -624,11 +624,11 @@ def test_score_and_nightly_in_process_send_no_secret_to_ray(ray_session, s3_serv
     credentials and a marker salt; nothing Ray is handed (task arguments, ray.put objects, function
     and actor definitions, runtime envs) carries them, and no output, captured output or Ray log line
     carries them or the PHI markers."""
-    from ichd_ray.config import JobConfig, ScoreConfig
-    from ichd_ray.dicom import _DEV_SALT
-    from ichd_ray.nightly import nightly
-    from ichd_ray.score import score_job
-    from ichd_ray.storage import StorageConfig, boto3_client
+    from ichd_ray.config.job import JobConfig, ScoreConfig
+    from ichd_ray.dicom.read import _DEV_SALT
+    from ichd_ray.pipeline.nightly import nightly
+    from ichd_ray.pipeline.score import score_job
+    from ichd_ray.io.storage import StorageConfig, boto3_client
 
     ray = ray_session
     info = _phi_archive(tmp_path / "archive")

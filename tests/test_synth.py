@@ -9,10 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from ichd_ray import CLASSES, storage
+from ichd_ray import CLASSES
+
+from ichd_ray.io import storage
 from ichd_ray.cli import main
-from ichd_ray.dicom import DicomError, load_slice
-from ichd_ray.synth import (
+from ichd_ray.dicom.read import DicomError, load_slice
+from ichd_ray.synthetic.generate import (
     COMPRESSIONS,
     ENCODINGS,
     SynthConfig,
@@ -21,7 +23,7 @@ from ichd_ray.synth import (
     render_slice,
     slice_dataset,
 )
-from ichd_ray.synth import _overlap
+from ichd_ray.synthetic.generate import _overlap
 
 SMALL = SynthConfig(studies=6, slices=8, size=64, seed=5, compressed_fraction=0.5, bad_files=6)
 

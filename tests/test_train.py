@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from ichd_ray import CLASSES
-from ichd_ray.synth import SynthConfig, generate
-from ichd_ray.train_config import load_train_config
+from ichd_ray.synthetic.generate import SynthConfig, generate
+from ichd_ray.config.train import load_train_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,9 +42,9 @@ def _config(tmp_path, extra=None):
 
 def test_train_all_cli_score_and_evaluate(ray_session, tiny_set, tmp_path, capsys):
     from ichd_ray.cli import main
-    from ichd_ray.embed import read_embeddings
+    from ichd_ray.training.embed import read_embeddings
     from ichd_ray.models.bundle import load_bundle
-    from ichd_ray.train_data import load_training_set
+    from ichd_ray.training.data import load_training_set
 
     root, data = tiny_set
     bundle = tmp_path / "model"
@@ -112,10 +112,10 @@ def test_train_all_cli_score_and_evaluate(ray_session, tiny_set, tmp_path, capsy
 def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(ray_session, tiny_set, tmp_path):
     """Rank 0 dies in epoch 1 (after epoch 0's checkpoint); Ray Train restarts the group, the loop resumes
     at epoch 1 from the checkpoint and finishes: two epochs in the history, the second marked resumed."""
-    from ichd_ray.train_cnn import train_cnn_fold
-    from ichd_ray.train_config import training_keys
-    from ichd_ray.train_data import build_cache, prepare_training_set
-    from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+    from ichd_ray.training.cnn import train_cnn_fold
+    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.data import build_cache, prepare_training_set
+    from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
     root, data = tiny_set
     cfg = load_train_config("demo", _config(tmp_path, {"cnn": {"max_failures": 1, "samples_per_study": 8}}))
@@ -140,15 +140,15 @@ def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(ray_session, t
     assert os.path.getsize(first["cache_uri"]) == first["n"] * 3 * 32 * 32
     assert np.all(np.diff(first["positions"]) > 0)
     # Labels in the cache's order equal the labels file's.
-    from ichd_ray.labels import labels_for, read_labels
+    from ichd_ray.evaluation.labels import labels_for, parse_labels
 
-    y, found = labels_for(first["sop_uids"], read_labels(str(data / "labels.csv")))
+    y, found = labels_for(first["sop_uids"], parse_labels((data / "labels.csv").read_bytes()))
     assert found.all() and (y == np.asarray(first["labels"])).all()
 
 
 def test_training_set_refuses_other_fold_settings(ray_session, tiny_set, tmp_path):
-    from ichd_ray.config import IndexConfig
-    from ichd_ray.train_data import prepare_training_set
+    from ichd_ray.config.job import IndexConfig
+    from ichd_ray.training.data import prepare_training_set
 
     root, data = tiny_set
     work = str(tmp_path / "w")
@@ -162,12 +162,12 @@ def test_training_set_refuses_other_fold_settings(ray_session, tiny_set, tmp_pat
 
 def test_cnn_fold_and_oof_embeddings_on_s3(ray_session, tiny_set, s3_bucket, tmp_path):
     """Data, cache, Ray Train checkpoints and the OOF embedding run all on the S3 endpoint."""
-    from ichd_ray import storage
-    from ichd_ray.embed import embed_fold
-    from ichd_ray.train_cnn import train_cnn_fold
-    from ichd_ray.train_config import training_keys
-    from ichd_ray.train_data import build_cache, prepare_training_set
-    from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+    from ichd_ray.io import storage
+    from ichd_ray.training.embed import embed_fold
+    from ichd_ray.training.cnn import train_cnn_fold
+    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.data import build_cache, prepare_training_set
+    from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
     root, data = tiny_set
     bucket, config = s3_bucket
@@ -201,7 +201,7 @@ def _quiet(_line):
 @pytest.fixture(scope="module")
 def first_run(ray_session, tiny_set, tmp_path_factory):
     """One tiny ``train_all`` that the provenance and the determinism tests start from."""
-    from ichd_ray.train import train_all
+    from ichd_ray.training.recipe import train_all
 
     root, data = tiny_set
     base = tmp_path_factory.mktemp("keyed")
@@ -254,7 +254,7 @@ def test_config_change_retrains_exactly_the_stages_that_read_it(first_run, tiny_
     import hashlib
 
     from ichd_ray.models.bundle import load_bundle
-    from ichd_ray.train import train_all
+    from ichd_ray.training.recipe import train_all
 
     base, cfg, first, _ = first_run
     root, data = tiny_set
@@ -341,7 +341,7 @@ def _assert_reproduced(first, first_weights, again):
 @pytest.mark.slow
 def test_same_seed_same_data_same_out_of_fold_metrics(first_run, tiny_set, tmp_path):
     """A second run in a fresh work folder reproduces the first one's out-of-fold metrics (to 1e-6)."""
-    from ichd_ray.train import train_all
+    from ichd_ray.training.recipe import train_all
 
     base, cfg, first, first_weights = first_run
     root, data = tiny_set
@@ -353,7 +353,7 @@ def test_same_seed_same_data_same_out_of_fold_metrics(first_run, tiny_set, tmp_p
 def test_two_gloo_workers_reproduce_too(ray_session, tiny_set, tmp_path):
     """DDP on CPU: two Ray Train workers (gloo) per CNN and per sequence model, two runs, the same
     metrics and weights: each rank draws its own seeded samples, the all-reduce order is fixed."""
-    from ichd_ray.train import train_all
+    from ichd_ray.training.recipe import train_all
 
     root, data = tiny_set
     two = {"num_workers": 2, "cpus_per_worker": 0.25}

@@ -1,20 +1,18 @@
-"""Training building blocks without Ray: config, schedule, checkpoints, the slice sampler, sequence batches."""
+"""Training building blocks without Ray: config, the slice sampler, sequence batches
+(checkpoints: test_checkpoint.py; the lr schedule: test_schedule.py)."""
 
 import hashlib
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from ichd_ray import CLASSES
-from ichd_ray.augment import AugmentConfig
-from ichd_ray.checkpoint import load_train_state, save_train_state
-from ichd_ray.config import ConfigError
-from ichd_ray.train_cnn import lr_at
-from ichd_ray.train_config import PRESETS, load_train_config
-from ichd_ray.train_data import load_cached_studies, sample_slices
-from ichd_ray.train_sequence import _window, pad_studies
+from ichd_ray.training.augment import AugmentConfig
+from ichd_ray.config.job import ConfigError
+from ichd_ray.config.train import PRESETS, load_train_config
+from ichd_ray.training.data import load_cached_studies, sample_slices
+from ichd_ray.training.sequence import _window, pad_studies
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -53,50 +51,6 @@ def test_yaml_overrides_and_errors_name_the_field(tmp_path):
             load_train_config("demo", str(path))
     with pytest.raises(ConfigError, match="preset"):
         load_train_config("huge")
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [lr_at(s, 100, 1e-3, 0.1, 0.02) for s in range(100)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert max(lrs) == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after the warm-up
-    assert lrs[-1] == pytest.approx(2e-5, rel=0.05)
-    assert lr_at(0, 10, 1.0, 0.0, 0.0) == pytest.approx(1.0)
-
-
-def _net():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-
-
-def _steps(model, opt, xs):
-    for x in xs:
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
-def test_checkpoint_resume_continues_exactly(tmp_path):
-    """Stopping after 2 steps and resuming from the safetensors checkpoint gives the same weights as 4 steps."""
-    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    ref = _net()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-    _steps(ref, ref_opt, xs)
-
-    first = _net()
-    opt = torch.optim.AdamW(first.parameters(), lr=1e-2, weight_decay=0.1)
-    _steps(first, opt, xs[:2])
-    save_train_state(str(tmp_path), first, opt, {"epoch": 3, "history": [{"loss": 1.5}]})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
-
-    resumed = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2, weight_decay=0.1)
-    state = load_train_state(str(tmp_path), resumed, resumed_opt)
-    assert state == {"epoch": 3, "history": [{"loss": 1.5}]}
-    _steps(resumed, resumed_opt, xs[2:])
-    for a, b in zip(ref.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
 
 
 def _write_cache(tmp_path, lengths, size=8):
@@ -158,7 +112,7 @@ def test_sampler_draws_depend_on_seed_and_id_only(tmp_path):
 def test_training_keys_follow_the_fields_each_stage_reads():
     """A field changes the key of the stage that reads it and of every stage downstream, nothing
     upstream; resource fields change no key."""
-    from ichd_ray.train_config import training_keys
+    from ichd_ray.config.train import training_keys
 
     def keys(overrides=None):
         k = training_keys(load_train_config("demo", None, overrides), manifest_sha256="m" * 64, folds_sha256="f" * 64)
@@ -188,9 +142,9 @@ def test_the_cache_is_built_under_the_planned_key():
     """build_cache names its folder with the key the plan (and the bundle's provenance) records."""
     import pandas as pd
 
-    from ichd_ray.train_config import training_keys
-    from ichd_ray.train_data import TrainingSet, cache_key
-    from ichd_ray.windowing import DEFAULT_WINDOWS
+    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.data import TrainingSet, cache_key
+    from ichd_ray.dicom.windowing import DEFAULT_WINDOWS
 
     cfg = load_train_config("demo")
     ts = TrainingSet(pd.DataFrame({"fold": [0]}), [], "m" * 64, [])
@@ -201,7 +155,7 @@ def test_the_cache_is_built_under_the_planned_key():
 def test_a_fold_is_done_only_under_its_own_key(tmp_path):
     import json
 
-    from ichd_ray.train_cnn import cnn_weights_uri, finished_fold
+    from ichd_ray.training.cnn import cnn_weights_uri, finished_fold
 
     key, other = "a" * 64, "a" * 16 + "b" * 48  # same 16-digit prefix: the same file name
     uri = cnn_weights_uri(str(tmp_path), 0, key)
@@ -215,7 +169,7 @@ def test_a_fold_is_done_only_under_its_own_key(tmp_path):
 
 
 def test_sequence_shares_follow_study_order_not_arrival():
-    from ichd_ray.train_sequence import _shares
+    from ichd_ray.training.sequence import _shares
 
     rows = [{"study_uid": u} for u in ["c", "a", "e", "b", "d"]]
     assert _shares(rows, 2, equal=True) == [0, 0, -1, 1, 1]  # a0 b1 c0 d1; e left out: equal steps

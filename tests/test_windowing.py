@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ichd_ray.windowing import (
+from ichd_ray.dicom.windowing import (
     DEFAULT_WINDOWS,
     WindowSpec,
     apply_windows,

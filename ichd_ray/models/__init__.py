@@ -1,13 +1,11 @@
 """Models: the per-slice CNN, the study sequence model, bundles on storage, and the study scorer.
 
-``SEQUENCE_MODELS`` maps each ``rnn`` value a bundle's ``sequence`` block may name to a constructor
-``(embed_dim, num_classes=6, **hyper_parameters) -> SequenceModel``.
+The recurrent layers a bundle's ``sequence`` block may name (``rnn``) are registered in one place,
+:data:`ichd_ray.models.sequence.RNN_TYPES`; build a model with ``SequenceModel(embed_dim, rnn=name, ...)``
+or :meth:`SequenceModel.from_config`.
 """
 
 from __future__ import annotations
-
-from functools import partial
-from typing import Callable
 
 from ichd_ray.models.bundle import (
     CONFIG_NAME,
@@ -35,11 +33,6 @@ from ichd_ray.models.sequence import (
 )
 from ichd_ray.models.slice_cnn import SliceCNN, load_backbone_weights
 
-#: Sequence model constructors by ``SequenceConfig.rnn`` name.
-SEQUENCE_MODELS: dict[str, Callable[..., SequenceModel]] = {
-    name: partial(SequenceModel, rnn=name) for name in RNN_TYPES
-}
-
 __all__ = [
     "BundleConfig",
     "BundleError",
@@ -50,7 +43,6 @@ __all__ = [
     "FORMAT_VERSION",
     "LoadedBundle",
     "RNN_TYPES",
-    "SEQUENCE_MODELS",
     "SequenceConfig",
     "SequenceModel",
     "SliceCNN",

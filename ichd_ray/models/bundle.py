@@ -31,11 +31,13 @@ import timm
 import torch
 from torch import nn
 
-from ichd_ray import CLASSES, storage
+from ichd_ray import CLASSES
+
+from ichd_ray.io import storage
 from ichd_ray.models.sequence import SequenceConfig, SequenceModel
 from ichd_ray.models.slice_cnn import SliceCNN
-from ichd_ray.storage import StorageConfig
-from ichd_ray.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization, WindowSpec
+from ichd_ray.io.storage import StorageConfig
+from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS, Normalization, WindowSpec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,7 +59,7 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 
-#: How slices become network input, beyond windows / size / normalisation (see ichd_ray.preprocess).
+#: How slices become network input, beyond windows / size / normalisation (see ichd_ray.dicom.preprocess).
 DEFAULT_PREPROCESSING: dict[str, Any] = {
     "resize": "area",
     "rsna_fix": True,

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ichd_ray.windowing import DEFAULT_NORMALIZATION
+from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION
 
 __all__ = ["SliceCNN", "load_backbone_weights"]
 

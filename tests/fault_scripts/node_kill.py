@@ -205,7 +205,7 @@ def shutdown(cluster) -> None:
 
 def score_inputs(root: Path) -> tuple[str, str]:
     from ichd_ray.models.bundle import init_bundle
-    from ichd_ray.synth import SynthConfig, generate
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
     data, bundle = root / "archive", root / "bundle"
     if not (data / "labels.csv").exists():
@@ -221,8 +221,8 @@ def attempt_written(out: Path, table: str = "slices") -> bool:
 
 
 def run_score(root: Path, variant: str) -> dict:
-    from ichd_ray.config import JobConfig, ScoreConfig
-    from ichd_ray.score import score_job
+    from ichd_ray.config.job import JobConfig, ScoreConfig
+    from ichd_ray.pipeline.score import score_job
 
     assert variant in ("decode", "write"), variant
     data, bundle = score_inputs(root)
@@ -290,9 +290,9 @@ def checkpoint_folders(work: Path) -> list[Path]:
 def run_train(root: Path) -> dict:
     import yaml
 
-    from ichd_ray.synth import SynthConfig, generate
-    from ichd_ray.train import train_cnn_stage
-    from ichd_ray.train_config import load_train_config
+    from ichd_ray.synthetic.generate import SynthConfig, generate
+    from ichd_ray.training.recipe import train_cnn_stage
+    from ichd_ray.config.train import load_train_config
 
     data = root / "data"
     if not (data / "labels.csv").exists():

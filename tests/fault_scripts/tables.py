@@ -14,7 +14,7 @@ _ORDER = {"slices": ["sop_uid", "uri"], "studies": ["study_uid"], "errors": ["ur
 def committed_tables(out: str, run_id: str) -> dict[str, pd.DataFrame]:
     """``slices``, ``studies`` and ``errors`` of ``run_id`` as the views show them, sorted, minus the
     run-time columns."""
-    from ichd_ray.report import query
+    from ichd_ray.io.results import query
 
     tables = {}
     for table, order in _ORDER.items():
@@ -26,7 +26,7 @@ def committed_tables(out: str, run_id: str) -> dict[str, pd.DataFrame]:
 
 def run_row(out: str, run_id: str) -> dict:
     """The runs row of ``run_id`` (counts and status), minus the run-time columns."""
-    from ichd_ray.report import query
+    from ichd_ray.io.results import query
 
     frame = query(out, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
     assert len(frame) == 1, frame

@@ -1,0 +1,1 @@
+"""Labels, metrics and the evaluation of a committed scoring run against them."""
