@@ -14,11 +14,10 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 
-class _DemoDefaults:  # mirrors ichd_ray.demo.DemoConfig without importing it (and torch) for --help
-    studies, slices, dicom_size = 60, 24, 256
+from ichd_ray.config.demo import DemoConfig
 
-
-DEMO_DEFAULTS = _DemoDefaults()
+#: The demo's defaults, from its config model (pydantic only: --help stays free of torch).
+DEMO_DEFAULTS = DemoConfig()
 
 
 def _positive_int(text: str) -> int:
@@ -158,14 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(evaluate)
 
     demo = sub.add_parser("demo", help="the embedded default: synthesise, train (preset demo), score, evaluate on local Ray")
-    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--out", default=DEMO_DEFAULTS.out)
     demo.add_argument("--studies", type=_positive_int, default=DEMO_DEFAULTS.studies)
     demo.add_argument("--slices", type=_positive_int, default=DEMO_DEFAULTS.slices)
     demo.add_argument("--dicom-size", type=_positive_int, default=DEMO_DEFAULTS.dicom_size, help="synthetic image side")
     demo.add_argument("--config", help="training YAML overriding the demo preset")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
+    demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS.seed)
+    demo.add_argument("--workers", type=_positive_int, default=DEMO_DEFAULTS.workers)
+    config = sub.add_parser("config", help="the config reference and schema; validate a config file without running")
+    config.add_argument("--schema", action="store_true", help="print the JSON Schema of every config")
+    config_sub = config.add_subparsers(dest="config_command", metavar="validate")
+    validate = config_sub.add_parser("validate", help="check a config YAML: exit 0 and its resolved form, or 2 and why")
+    validate.add_argument("file", help="local path or storage URI of the YAML")
+    validate.add_argument("--kind", choices=["job", "train"], default=None,
+                          help="job (score/nightly) or train; default: train when the file has a data/cnn/sequence section")
+    validate.add_argument("--preset", choices=["demo", "rsna"], default="demo", help="the preset a train config overlays")
+    _storage_args(validate)
     return parser
+
+
+def _config(args: argparse.Namespace) -> int:
+    from ichd_ray.config.job import ConfigError, load_job_config, read_yaml_sections
+    from ichd_ray.config.reference import json_schema, markdown_reference
+    from ichd_ray.config.train import load_train_config
+
+    if args.config_command != "validate":
+        print(json.dumps(json_schema(), indent=2) if args.schema else markdown_reference())
+        return 0
+    try:
+        kind = args.kind or ("train" if {"data", "cnn", "sequence"} & set(read_yaml_sections(args.file)) else "job")
+        cfg = load_train_config(args.preset, args.file) if kind == "train" else load_job_config(args.file)
+    except ConfigError as exc:
+        print(f"ichd-ray config validate: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    print(f"# {args.file}: a valid {kind} config (sha256 {cfg.sha256()}); resolved:")
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
 
 
 #: Exit code when storage failed (unavailable past its retries, access denied, disk full): the run
@@ -237,6 +264,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
             print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
         return 0
+    if args.command == "config":
+        return _config(args)
     if args.command == "train":
         return _train(args)
     if args.command == "evaluate":
@@ -244,7 +273,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "nightly":
         return _nightly(args)
     if args.command == "demo":
-        from ichd_ray.demo import DemoConfig, run_demo
+        from ichd_ray.demo import run_demo
 
         summary = run_demo(
             DemoConfig(

@@ -11,34 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 from ichd_ray.io import storage
+from ichd_ray.config.demo import DemoConfig
 from ichd_ray.synthetic.generate import SynthConfig, generate
 
 __all__ = ["DemoConfig", "run_demo"]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Args:
-    out: output folder: ``out/archive`` (DICOM), ``out/model`` (bundle), ``out/model-work``,
-        ``out/results`` (tables).
-    studies: number of synthetic studies.
-    slices: nominal slices per study.
-    dicom_size: synthetic image side (pixels).
-    config: training YAML overriding the ``demo`` preset.
-    seed: synthetic set seed.
-    workers: processes for synthesis.
-    """
-
-    out: str = "demo_out"
-    studies: int = 60
-    slices: int = 24
-    dicom_size: int = 256
-    config: str | None = None
-    seed: int = 0
-    workers: int = max(1, os.cpu_count() or 1)
 
 
 def run_demo(cfg: DemoConfig):

@@ -1,4 +1,4 @@
-import dataclasses
+import pydantic
 import re
 
 import numpy as np
@@ -16,6 +16,11 @@ from ichd_ray.training.augment import (
 )
 
 ONLY_NONE = AugmentConfig.none()
+
+
+def _none_with(**changes):
+    """The do-nothing config with ``changes`` (validated)."""
+    return AugmentConfig(**{**ONLY_NONE.model_dump(), **changes})
 
 
 def _batch(b=4, s=32, seed=0):
@@ -59,6 +64,8 @@ def test_defaults_and_round_trip_through_dict():
 )
 def test_bad_field_names_itself(field, value):
     with pytest.raises(ValueError, match=rf"augment\.{field}: expected"):
+        AugmentConfig.from_dict({field: value})
+    with pytest.raises(pydantic.ValidationError, match=field):  # built directly: pydantic's own error
         AugmentConfig(**{field: value})
 
 
@@ -70,7 +77,7 @@ def test_from_dict_rejects_unknown_and_non_mappings():
 
 
 def test_config_is_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         AugmentConfig().hflip_p = 1.0
 
 
@@ -87,7 +94,7 @@ def test_identity_config_returns_exactly_the_input():
 
 def test_identity_ranges_with_probability_one_are_exact():
     # every step selected, but every drawn transform is the identity
-    cfg = dataclasses.replace(ONLY_NONE, affine_p=1.0, intensity_p=1.0)
+    cfg = _none_with(affine_p=1.0, intensity_p=1.0)
     images = _batch()
     np.testing.assert_array_equal(augment_batch(images, cfg, np.random.default_rng(2)), images)
 
@@ -95,13 +102,13 @@ def test_identity_ranges_with_probability_one_are_exact():
 def test_hflip_and_vflip_with_probability_one():
     images = _batch()
     rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(augment_batch(images, dataclasses.replace(ONLY_NONE, hflip_p=1.0), rng), images[..., ::-1])
-    np.testing.assert_array_equal(augment_batch(images, dataclasses.replace(ONLY_NONE, vflip_p=1.0), rng), images[..., ::-1, :])
+    np.testing.assert_array_equal(augment_batch(images, _none_with(hflip_p=1.0), rng), images[..., ::-1])
+    np.testing.assert_array_equal(augment_batch(images, _none_with(vflip_p=1.0), rng), images[..., ::-1, :])
 
 
 def test_flip_probability_selects_samples():
     images = _batch(b=64, s=8)
-    out = augment_batch(images, dataclasses.replace(ONLY_NONE, hflip_p=0.5), np.random.default_rng(3))
+    out = augment_batch(images, _none_with(hflip_p=0.5), np.random.default_rng(3))
     flipped = [np.array_equal(o, i[..., ::-1]) for o, i in zip(out, images)]
     same = [np.array_equal(o, i) for o, i in zip(out, images)]
     assert all(f != s for f, s in zip(flipped, same))  # each sample is one or the other
@@ -109,7 +116,7 @@ def test_flip_probability_selects_samples():
 
 
 def test_affine_probability_zero_leaves_images_alone():
-    cfg = dataclasses.replace(ONLY_NONE, rotate_deg=30.0, scale=(0.8, 1.2), shift=0.2, affine_p=0.0)
+    cfg = _none_with(rotate_deg=30.0, scale=(0.8, 1.2), shift=0.2, affine_p=0.0)
     images = _batch()
     np.testing.assert_array_equal(augment_batch(images, cfg, np.random.default_rng(0)), images)
 
@@ -247,7 +254,7 @@ def test_warp_float_tensor_and_matrix_shape_check():
 
 def test_random_affine_keeps_dtype_shape_and_moves_content():
     images = _batch(b=8, s=32)
-    cfg = dataclasses.replace(ONLY_NONE, rotate_deg=30.0, scale=(0.9, 1.1), shift=0.1, affine_p=1.0)
+    cfg = _none_with(rotate_deg=30.0, scale=(0.9, 1.1), shift=0.1, affine_p=1.0)
     out = augment_batch(images, cfg, np.random.default_rng(0))
     assert out.dtype == np.uint8 and out.shape == images.shape
     assert all(not np.array_equal(o, i) for o, i in zip(out, images))
@@ -263,7 +270,7 @@ def test_brightness_adds_a_tenth_of_255_and_clips():
     np.testing.assert_allclose(y[0, 0, 0].numpy(), [25.5, 125.5, 265.5, 280.5])
     images = np.full((16, 3, 4, 4), 100, dtype=np.uint8)
     images[:, :, 0, 0] = 250
-    cfg = dataclasses.replace(ONLY_NONE, brightness=0.1, intensity_p=1.0)
+    cfg = _none_with(brightness=0.1, intensity_p=1.0)
     out = augment_batch(images, cfg, np.random.default_rng(0)).astype(int)
     offset = out[:, :, 1:, 1:] - 100
     assert np.all(offset == offset[:, :1, :1, :1]) and np.abs(offset).max() <= 26  # one offset per image
@@ -275,7 +282,7 @@ def test_contrast_keeps_the_mean_and_shares_the_factor_across_windows():
     rng = np.random.default_rng(0)
     images = rng.integers(80, 176, (8, 3, 32, 32), dtype=np.uint8)
     images[:, 1] = images[:, 1] // 2 + 40  # channels with different means / spreads
-    cfg = dataclasses.replace(ONLY_NONE, contrast=(0.5, 1.5), intensity_p=1.0)
+    cfg = _none_with(contrast=(0.5, 1.5), intensity_p=1.0)
     out = augment_batch(images, cfg, np.random.default_rng(1))
     mean_in = images.mean(axis=(2, 3))
     mean_out = out.astype(float).mean(axis=(2, 3))
@@ -287,7 +294,7 @@ def test_contrast_keeps_the_mean_and_shares_the_factor_across_windows():
 
 def test_intensity_probability_selects_samples():
     images = np.full((64, 3, 4, 4), 100, dtype=np.uint8)
-    cfg = dataclasses.replace(ONLY_NONE, brightness=0.5, intensity_p=0.25)
+    cfg = _none_with(brightness=0.5, intensity_p=0.25)
     out = augment_batch(images, cfg, np.random.default_rng(5))
     changed = (out != images).any(axis=(1, 2, 3)).sum()
     assert 4 < changed < 32
@@ -299,7 +306,7 @@ def test_intensity_probability_selects_samples():
 def test_erase_sets_one_rectangle_to_zero():
     s = 64
     images = np.full((32, 3, s, s), 255, dtype=np.uint8)
-    out = augment_batch(images, dataclasses.replace(ONLY_NONE, erase_p=1.0), np.random.default_rng(0))
+    out = augment_batch(images, _none_with(erase_p=1.0), np.random.default_rng(0))
     for sample in out:
         assert np.array_equal(sample[0] == 0, sample[1] == 0) and np.array_equal(sample[0] == 0, sample[2] == 0)
         zeros = np.argwhere(sample[0] == 0)

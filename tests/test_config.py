@@ -41,3 +41,25 @@ def test_yaml_file_and_flag_overrides(tmp_path):
     path.write_text("score: {num_actors: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_job_config(str(path))
+
+
+def test_docs_config_md_is_generated_from_the_models():
+    """docs/config.md is the models' own reference: regenerate it with
+    ``python -m ichd_ray.config.reference > docs/config.md`` when a field changes."""
+    from pathlib import Path
+
+    from ichd_ray.config.reference import markdown_reference
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert path.read_text() == markdown_reference()
+    # every field appears with its default
+    assert "| `score.num_actors` | `1` | >= 1 |" in path.read_text()
+    assert "| `cnn.augment.hflip_p` | `0.5` |" in path.read_text()
+
+
+def test_int_for_float_is_a_float_and_bools_are_not_numbers():
+    job = from_dict({"score": {"num_gpus_per_actor": 1}})
+    assert job.score.num_gpus_per_actor == 1.0 and isinstance(job.score.num_gpus_per_actor, float)
+    assert job.to_dict()["score"]["num_gpus_per_actor"] == 1.0
+    with pytest.raises(ConfigError, match=r"score\.cpus_per_actor: expected a number, got True"):
+        from_dict({"score": {"cpus_per_actor": True}})

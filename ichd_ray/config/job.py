@@ -36,13 +36,14 @@ from __future__ import annotations
 import hashlib
 import json
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 __all__ = [
     "ConfigError",
+    "Section",
     "IndexConfig",
     "ScoreConfig",
     "StorageSection",
@@ -50,6 +51,7 @@ __all__ = [
     "JobConfig",
     "load_job_config",
     "from_dict",
+    "validate_config",
 ]
 
 
@@ -57,184 +59,188 @@ class ConfigError(ValueError):
     """A configuration field is missing, unknown or out of range; the message names it."""
 
 
-@dataclass(frozen=True)
-class IndexConfig:
-    header_bytes: int = 65536
-    files_per_task: int = 256
-    exclude_suffixes: tuple[str, ...] = (".csv", ".json", ".txt", ".md", ".parquet", ".yaml", ".yml")
-    preferred_thickness_mm: float = 5.0
+class Section(BaseModel):
+    """A frozen config section: strict types (``"2"`` is not an integer, ``1`` is not ``true``),
+    unknown fields refused. Lists may stand for tuples (YAML and JSON have no tuples)."""
 
-    def validate(self, prefix: str = "index") -> None:
-        _require(self.header_bytes >= 1024, f"{prefix}.header_bytes", "an integer >= 1024", self.header_bytes)
-        _require(self.files_per_task >= 1, f"{prefix}.files_per_task", "an integer >= 1", self.files_per_task)
-        _require(self.preferred_thickness_mm > 0, f"{prefix}.preferred_thickness_mm", "a number > 0", self.preferred_thickness_mm)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    #: Dotted path of this section when validated on its own (its errors name it so). Built directly
+    #: (``IndexConfig(header_bytes=1)``), a section raises pydantic's ValidationError (also a ValueError).
+    error_prefix: typing.ClassVar[tuple[str, ...]] = ()
 
 
-DEVICES = ("auto", "cpu", "cuda")
+# A YAML list is accepted where a tuple is declared; its items stay strict.
+StrList = Annotated[tuple[StrictStr, ...], Field(strict=False)]
 
 
-@dataclass(frozen=True)
-class ScoreConfig:
-    num_actors: int = 1
-    num_gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5
-    cpus_per_decode_task: float = 1.0
-    reserve_operator_resources: bool = False
-    studies_per_batch: int = 4
-    studies_per_task: int = 6
-    cnn_chunk: int = 64
-    device: str = "auto"
-    write_embeddings: bool = False
-
-    def validate(self, prefix: str = "score") -> None:
-        _require(self.num_actors >= 1, f"{prefix}.num_actors", "an integer >= 1", self.num_actors)
-        _require(self.num_gpus_per_actor >= 0, f"{prefix}.num_gpus_per_actor", "a number >= 0", self.num_gpus_per_actor)
-        _require(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "a number > 0 (fractional is fine)", self.cpus_per_actor)
-        _require(self.cpus_per_decode_task > 0, f"{prefix}.cpus_per_decode_task", "a number > 0", self.cpus_per_decode_task)
-        _require(self.studies_per_batch >= 1, f"{prefix}.studies_per_batch", "an integer >= 1", self.studies_per_batch)
-        _require(self.studies_per_task >= 1, f"{prefix}.studies_per_task", "an integer >= 1", self.studies_per_task)
-        _require(self.cnn_chunk >= 1, f"{prefix}.cnn_chunk", "an integer >= 1", self.cnn_chunk)
-        _require(self.device in DEVICES, f"{prefix}.device", f"one of {list(DEVICES)}", self.device)
+class IndexConfig(Section):
+    header_bytes: int = Field(65536, ge=1024, description="first bytes read per object; more only when a header is longer")
+    files_per_task: int = Field(256, ge=1, description="objects per index task")
+    exclude_suffixes: StrList = Field((".csv", ".json", ".txt", ".md", ".parquet", ".yaml", ".yml"),
+                                      description="keys ending so are not DICOM candidates")
+    preferred_thickness_mm: float = Field(5.0, gt=0, description="series rule: thickness nearest this, then most slices")
 
 
-@dataclass(frozen=True)
-class StorageSection:
-    endpoint_url: str | None = None
-    region: str | None = None
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES = typing.get_args(Device)
 
-    def validate(self, prefix: str = "storage") -> None:
-        if self.endpoint_url is not None:
-            _require(
-                self.endpoint_url.startswith(("http://", "https://")),
-                f"{prefix}.endpoint_url",
-                "an http:// or https:// URL",
-                self.endpoint_url,
-            )
+
+class ScoreConfig(Section):
+    num_actors: int = Field(1, ge=1, description="fixed pool of model actors")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="1 on GPU clusters")
+    cpus_per_actor: float = Field(0.5, gt=0, description="fractional: a whole CPU per actor can starve the read tasks")
+    cpus_per_decode_task: float = Field(
+        1.0, gt=0, description="CPU decode tasks; keep it != cpus_per_actor on CPU-only clusters, else Ray Data fuses "
+                               "decode into the model actor (BENCHMARKS.md)")
+    reserve_operator_resources: bool = Field(
+        False, description="Ray Data's per-operator reservation: off lets decode tasks use every CPU the fixed actor "
+                           "pool leaves (36% -> 66% here)")
+    studies_per_batch: int = Field(4, ge=1, description="studies per actor call")
+    studies_per_task: int = Field(6, ge=1, description="studies per CPU decode task (>= 0.25 s of work)")
+    cnn_chunk: int = Field(64, ge=1, description="slices per CNN forward pass (bounds memory for long studies)")
+    device: Device = Field("auto", description="where the model runs; auto: cuda when the actor has a GPU")
+    write_embeddings: bool = Field(False, description="also write the CNN embeddings table")
+
+
+class StorageSection(Section):
+    endpoint_url: str | None = Field(None, description="S3 endpoint; null: AWS_ENDPOINT_URL, else AWS")
+    region: str | None = Field(None, description="null: AWS_REGION / AWS_DEFAULT_REGION")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
 
     def storage_config(self):
+        # Lazy: the config layer sits below io; only the CLI and the stages call this.
         from ichd_ray.io.storage import StorageConfig
 
-        overrides = {k: v for k, v in asdict(self).items() if v}
-        return StorageConfig.from_env(**overrides)
+        return StorageConfig.from_env(**{k: v for k, v in self.model_dump().items() if v})
 
 
-@dataclass(frozen=True)
-class RaySection:
-    address: str | None = None
-    num_cpus: int | None = None
-    autoscaling: bool = False
-
-    def validate(self, prefix: str = "ray") -> None:
-        if self.num_cpus is not None:
-            _require(self.num_cpus >= 1, f"{prefix}.num_cpus", "an integer >= 1 or null", self.num_cpus)
+class RaySection(Section):
+    address: str | None = Field(None, description='null: local Ray; "auto": the running cluster')
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only")
+    autoscaling: bool = Field(False, description="true where nodes come on demand (KubeRay autoscaler): a pool "
+                                                  "larger than the cluster right now waits instead of failing")
 
 
-class SectionedConfig:
-    """A config made of sections (dataclasses with ``validate(prefix)``): validation, JSON and hash."""
+class SectionedConfig(Section):
+    """A config made of sections: its JSON and hash."""
 
-    def validate(self):
-        for f in fields(self):
-            getattr(self, f.name).validate(f.name)
+    def validate(self):  # kept for callers of the dataclass era: construction already validated
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        return self.model_dump(mode="json")
 
     def sha256(self) -> str:
         """Hash of the resolved config (sorted JSON): identifies it in run and bundle metadata."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-
-@dataclass(frozen=True)
-class JobConfig(SectionedConfig):
-    index: IndexConfig = field(default_factory=IndexConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    storage: StorageSection = field(default_factory=StorageSection)
-    ray: RaySection = field(default_factory=RaySection)
-
-    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "JobConfig":
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]):
         """Apply ``{"section": {"field": value}}`` (None values skipped) and validate."""
         merged = self.to_dict()
         for section, values in overrides.items():
             merged.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-        return from_dict(merged)
+        return validate_config(type(self), merged)
 
 
-def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: expected {allowed}, got {value!r}")
+class JobConfig(SectionedConfig):
+    index: IndexConfig = IndexConfig()
+    score: ScoreConfig = ScoreConfig()
+    storage: StorageSection = StorageSection()
+    ray: RaySection = RaySection()
 
 
-def _coerce(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{prefix or 'config'}: unknown field(s) {unknown}; allowed: {sorted(known)}")
-    values = {}
-    for name, value in data.items():
-        hint = hints[name]
-        dotted = f"{prefix}.{name}" if prefix else name
-        if is_dataclass(hint):
-            values[name] = _coerce(hint, value, dotted)
-        else:
-            values[name] = _coerce_scalar(hint, value, dotted)
-    return cls(**values)
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _coerce_scalar(hint: Any, value: Any, name: str) -> Any:
-    text = str(hint)
-    optional = "None" in text
-    if value is None:
-        if optional:
+def _kind(annotation: Any) -> str:
+    """What a value of ``annotation`` is, in words: "an integer", "a number", "a list of strings"..."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _kind(args[0])
+    if origin is tuple:
+        return "a list of " + {"an integer": "integers", "a number": "numbers"}.get(_kind(args[0]), "strings")
+    if origin is not None and args and origin is not Literal:
+        return _kind(args[0])
+    return {int: "an integer", float: "a number", bool: "true or false"}.get(annotation, "a value")
+
+
+def _describe(error: dict[str, Any], annotation: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "expected a mapping"
+    if kind == "literal_error":
+        return f"expected one of {list(typing.get_args(annotation))}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"expected {_kind(annotation)} {_BOUNDS[kind]} {bound}"
+    if kind in ("too_short", "too_long"):
+        return f"expected {_kind(annotation)} with {error['msg'].split('should have ')[-1]}"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") and annotation is not None:
+        return f"expected {_kind(annotation)}"
+    return "expected " + error["msg"].removeprefix("Input should be ")
+
+
+def _annotation_at(model: type[BaseModel] | None, path: tuple) -> Any:
+    annotation: Any = model
+    for name in path:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or name not in annotation.model_fields:
             return None
-        raise ConfigError(f"{name}: must not be null")
-    if "tuple" in text:
-        element = typing.get_args(hint)[0] if typing.get_args(hint) else str
-        if element is float:
-            ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            if not ok:
-                raise ConfigError(f"{name}: expected a list of numbers, got {value!r}")
-            return tuple(float(v) for v in value)
-        if element is int:
-            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            if not ok:
-                raise ConfigError(f"{name}: expected a list of integers, got {value!r}")
-            return tuple(value)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
-        return tuple(value)
-    if "dict" in text:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
-    if "bool" in text:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if "int" in text and "float" not in text:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if "float" in text:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if "str" in text:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    raise AssertionError(f"unhandled type {hint} for {name}")
+        annotation = annotation.model_fields[name].annotation
+    return annotation
+
+
+def config_error(exc: ValidationError, model: type[BaseModel], source: str = "", prefix: tuple = ()) -> ConfigError:
+    """One ConfigError naming every bad field by its dotted name, the value and what is allowed."""
+    lines: list[str] = []
+    unknown: dict[tuple, list[str]] = {}
+    for error in exc.errors():
+        loc = prefix + tuple(str(p) for p in error["loc"] if not isinstance(p, int))
+        if error["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(loc[-1])
+            continue
+        annotation = _annotation_at(model, loc[len(prefix):])
+        lines.append(f"{'.'.join(loc) or 'config'}: {_describe(error, annotation)}, got {error['input']!r}")
+    for parent, names in unknown.items():
+        allowed = _fields_at(model, parent[len(prefix):])
+        lines.append(f"{'.'.join(parent) or 'config'}: unknown field(s) {sorted(names)}; allowed: {allowed}")
+    return ConfigError((f"{source}: " if source else "") + "; ".join(lines))
+
+
+def _fields_at(model: type[BaseModel] | None, path: tuple) -> list[str]:
+    annotation = _annotation_at(model, path)
+    return sorted(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def validate_config(model: type[BaseModel], data: Any, source: str = "", prefix: tuple = ()):
+    """``model`` built from ``data`` or a :class:`ConfigError` naming each bad field.
+
+    Args:
+        source: The file the data came from, named first in the message.
+        prefix: Dotted path of ``data`` inside a larger config (e.g. ``("augment",)``).
+    """
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        raise config_error(exc, model, source, prefix) from None
 
 
 def from_dict(data: dict[str, Any]) -> JobConfig:
-    return _coerce(JobConfig, data or {}, "").validate()
+    return validate_config(JobConfig, data or {})
 
 
 def read_yaml_sections(path_or_uri: str) -> dict[str, Any]:
     """A config YAML (local path or storage URI) as ``{section: mapping}``; anything else is a ConfigError."""
+    # Lazy: the config layer sits below io (storage is configured by this module's StorageSection).
     from ichd_ray.io import storage
 
     try:
@@ -250,4 +256,3 @@ def load_job_config(path_or_uri: str | None, overrides: dict[str, dict[str, Any]
     """Read a YAML job config (local path or storage URI), apply flag overrides, validate."""
     config = from_dict(read_yaml_sections(path_or_uri) if path_or_uri else {})
     return config.with_overrides(overrides) if overrides else config
-

@@ -1,7 +1,8 @@
 """Training configuration: one typed object for ``ichd-ray train``, validated before Ray starts.
 
-A preset (``demo`` or ``rsna``) gives every value; a YAML file (``--config train.yaml``) overrides any of
-them by section, and a bad field fails at once with its dotted name::
+Every field, default and bound is in docs/config.md (generated from these models). A preset (``demo``
+or ``rsna``) gives every value; a YAML file (``--config train.yaml``) overrides any of them by section,
+and a bad field fails at once with its dotted name::
 
     data:
       folds: 5                     # K: folds by patient, stratified on `any`
@@ -27,7 +28,7 @@ them by section, and a bad field fails at once with its dotted name::
       cpus_per_data_task: 1.0      # Ray Data tasks that read, augment and batch slices
       max_failures: 3              # worker failures tolerated; each resumes from the last checkpoint
       seed: 0                      # init, samples, augmentation, dropout: all drawn from (seed, fold, epoch, rank)
-      augment: {}                  # ichd_ray.training.augment.AugmentConfig fields; {} = its defaults
+      augment: {}                  # AugmentConfig fields (below); {} = its defaults
     sequence:
       rnn: gru                     # 1st-place model 1: BiGRU + skip head
       hidden: 96
@@ -59,23 +60,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import Field, StrictFloat, StrictInt, field_validator
 
 from ichd_ray.config.job import (
     ConfigError,
     IndexConfig,
     RaySection,
     ScoreConfig,
+    Section,
     SectionedConfig,
     StorageSection,
-    _coerce,
-    _require,
     read_yaml_sections,
+    validate_config,
 )
 
 __all__ = [
+    "AugmentConfig",
     "DataSection",
     "CnnSection",
     "SequenceSection",
@@ -91,125 +94,175 @@ __all__ = [
     "training_keys",
 ]
 
-
-@dataclass(frozen=True)
-class DataSection:
-    folds: int = 5
-    fold_seed: int = 0
-    input_size: int = 256
-    studies_per_task: int = 6
-    cpus_per_decode_task: float = 1.0
-
-    def validate(self, prefix: str = "data") -> None:
-        _require(self.folds >= 2, f"{prefix}.folds", "an integer >= 2", self.folds)
-        _require(16 <= self.input_size <= 1024, f"{prefix}.input_size", "an integer in [16, 1024]", self.input_size)
-        _require(self.studies_per_task >= 1, f"{prefix}.studies_per_task", "an integer >= 1", self.studies_per_task)
-        _require(self.cpus_per_decode_task > 0, f"{prefix}.cpus_per_decode_task", "a number > 0", self.cpus_per_decode_task)
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# (low, high); a YAML list stands for the pair, its items stay strict numbers.
+Pair = Annotated[tuple[StrictFloat | StrictInt, StrictFloat | StrictInt], Field(strict=False)]
 
 
-def _common_train_checks(section: Any, prefix: str) -> None:
-    _require(section.epochs >= 1, f"{prefix}.epochs", "an integer >= 1", section.epochs)
-    _require(section.batch_size >= 1, f"{prefix}.batch_size", "an integer >= 1", section.batch_size)
-    _require(section.lr > 0, f"{prefix}.lr", "a number > 0", section.lr)
-    _require(section.weight_decay >= 0, f"{prefix}.weight_decay", "a number >= 0", section.weight_decay)
-    _require(section.num_workers >= 1, f"{prefix}.num_workers", "an integer >= 1", section.num_workers)
-    _require(section.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "a number > 0 (fractional is fine)", section.cpus_per_worker)
-    _require(section.max_failures >= -1, f"{prefix}.max_failures", "an integer >= -1 (-1: no limit)", section.max_failures)
-    _require(section.seed >= 0, f"{prefix}.seed", "an integer >= 0 (every random draw derives from it)", section.seed)
+def _pair(value: tuple, name: str, low: float, high: float, allowed: str, low_open: bool = False) -> tuple[float, float]:
+    a, b = float(value[0]), float(value[1])
+    if not ((low < a if low_open else low <= a) and a <= b <= high):
+        raise ValueError(f"expected {allowed}")
+    return a, b
 
 
-@dataclass(frozen=True)
-class CnnSection:
-    backbone: str = "densenet121"
-    pretrained_path: str | None = None
-    epochs: int = 10
-    samples_per_study: int = 4
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 2e-5
-    warmup_fraction: float = 0.05
-    min_lr_fraction: float = 0.02
-    drop_rate: float = 0.0
-    num_workers: int = 1
+class AugmentConfig(Section):
+    """What :func:`ichd_ray.training.augment.augment_batch` does; the defaults follow the RSNA 2019
+    winners (flip, +-30 deg).
+
+    Args:
+        hflip_p: probability of a left-right flip, in [0, 1].
+        vflip_p: probability of an up-down flip, in [0, 1].
+        rotate_deg: rotation drawn uniformly in ``[-rotate_deg, rotate_deg]`` degrees, in [0, 180].
+        scale: ``(low, high)`` isotropic scale drawn uniformly, ``0 < low <= high <= 10``;
+            above 1 enlarges the content.
+        shift: shift on each axis drawn uniformly in ``[-shift, shift]`` as a fraction of that
+            side, in [0, 1]; positive moves the content right / down.
+        affine_p: probability that a sample is warped (rotation, scale and shift together), in [0, 1].
+        brightness: additive offset drawn uniformly in ``[-brightness, brightness]`` as a fraction
+            of 255, in [0, 1].
+        contrast: ``(low, high)`` factor around the image's per-channel mean, ``0 <= low <= high <= 10``.
+        intensity_p: probability that brightness and contrast are applied, in [0, 1].
+        erase_p: probability of erasing one rectangle (set to 0), in [0, 1].
+        erase_area: ``(low, high)`` area fraction of the erased rectangle, ``0 < low <= high <= 1``.
+    """
+
+    hflip_p: Probability = Field(0.5, description="probability of a left-right flip")
+    vflip_p: Probability = Field(0.0, description="probability of an up-down flip")
+    rotate_deg: float = Field(30.0, ge=0.0, le=180.0, description="rotation in [-rotate_deg, rotate_deg] degrees")
+    scale: Pair = Field((0.9, 1.1), description="(low, high) isotropic scale, 0 < low <= high <= 10")
+    shift: float = Field(0.1, ge=0.0, le=1.0, description="shift per axis as a fraction of the side")
+    affine_p: Probability = Field(0.8, description="probability that rotation, scale and shift are applied")
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="additive offset as a fraction of 255")
+    contrast: Pair = Field((0.9, 1.1), description="(low, high) factor around the per-channel mean, 0 <= low <= high <= 10")
+    intensity_p: Probability = Field(0.5, description="probability that brightness and contrast are applied")
+    erase_p: Probability = Field(0.0, description="probability of erasing one rectangle")
+    error_prefix: ClassVar[tuple[str, ...]] = ("augment",)
+
+    erase_area: Pair = Field((0.02, 0.2), description="(low, high) area fraction erased, 0 < low <= high <= 1")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple) -> tuple[float, float]:
+        return _pair(v, "scale", 0.0, 10.0, "a pair (low, high) with 0 < low <= high <= 10", low_open=True)
+
+    @field_validator("contrast")
+    @classmethod
+    def _contrast(cls, v: tuple) -> tuple[float, float]:
+        return _pair(v, "contrast", 0.0, 10.0, "a pair (low, high) with 0 <= low <= high <= 10")
+
+    @field_validator("erase_area")
+    @classmethod
+    def _erase_area(cls, v: tuple) -> tuple[float, float]:
+        return _pair(v, "erase_area", 0.0, 1.0, "a pair (low, high) with 0 < low <= high <= 1", low_open=True)
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        """A config that changes nothing: every probability 0 and every range neutral."""
+        return cls(hflip_p=0.0, vflip_p=0.0, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, affine_p=0.0,
+                   brightness=0.0, contrast=(1.0, 1.0), intensity_p=0.0, erase_p=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-friendly dict (pairs as lists); :meth:`from_dict` reads it back."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AugmentConfig":
+        """Build from a mapping; missing fields take the defaults, unknown fields are rejected."""
+        if isinstance(data, cls):
+            return data
+        return validate_config(cls, data, prefix=cls.error_prefix)
+
+
+class DataSection(Section):
+    folds: int = Field(5, ge=2, description="K: folds by patient, stratified on `any`")
+    fold_seed: int = Field(0, description="seed of the fold assignment")
+    input_size: int = Field(256, ge=16, le=1024, description="network input side; the cache is decoded at this size once")
+    studies_per_task: int = Field(6, ge=1, description="studies per CPU decode task when building the cache")
+    cpus_per_decode_task: float = Field(1.0, gt=0)
+
+
+class _TrainLoop(Section):
+    """Fields both training loops have (a shared schema, no shared behaviour)."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP); gloo on CPU, nccl on GPU")
     use_gpu: bool = False
-    cpus_per_worker: float = 0.5
-    torch_threads: int = 0
-    cpus_per_data_task: float = 0.5
-    max_failures: int = 3
-    seed: int = 0
-    augment: dict = field(default_factory=dict)
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines: a whole CPU can starve the data tasks")
+    max_failures: int = Field(3, ge=-1, description="worker failures tolerated (-1: no limit); each resumes from the last checkpoint")
+    seed: int = Field(0, ge=0, description="every random draw derives from it")
 
-    def validate(self, prefix: str = "cnn") -> None:
+
+class CnnSection(_TrainLoop):
+    backbone: str = Field("densenet121", description="a timm model name (timm.list_models())")
+    pretrained_path: str | None = Field(None, description="local timm .safetensors weights (nothing is downloaded)")
+    epochs: int = Field(10, ge=1)
+    samples_per_study: int = Field(4, ge=1, description="epoch = this x training studies (1st place: a study, then a slice)")
+    batch_size: int = Field(32, ge=1, description="per worker")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak")
+    weight_decay: float = Field(2e-5, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="linear warm-up, then cosine to min_lr_fraction x lr")
+    min_lr_fraction: float = Field(0.02, ge=0, le=1)
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    torch_threads: int = Field(0, ge=0, description="0: torch's default")
+    cpus_per_data_task: float = Field(0.5, gt=0, description="Ray Data tasks that read, augment and batch slices")
+    augment: AugmentConfig = Field(AugmentConfig(), description="augmentation; {} = the defaults")
+
+    @field_validator("backbone")
+    @classmethod
+    def _timm_model(cls, name: str) -> str:
+        # Lazy: importing timm costs ~1 s of CLI start-up; only a train config needs it.
         import timm
 
-        from ichd_ray.training.augment import AugmentConfig
-
-        _require(timm.is_model(self.backbone), f"{prefix}.backbone", "a timm model name (timm.list_models())", self.backbone)
-        _common_train_checks(self, prefix)
-        _require(self.samples_per_study >= 1, f"{prefix}.samples_per_study", "an integer >= 1", self.samples_per_study)
-        _require(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", "a number in [0, 1)", self.warmup_fraction)
-        _require(0 <= self.min_lr_fraction <= 1, f"{prefix}.min_lr_fraction", "a number in [0, 1]", self.min_lr_fraction)
-        _require(0 <= self.drop_rate < 1, f"{prefix}.drop_rate", "a number in [0, 1)", self.drop_rate)
-        _require(self.torch_threads >= 0, f"{prefix}.torch_threads", "an integer >= 0", self.torch_threads)
-        _require(self.cpus_per_data_task > 0, f"{prefix}.cpus_per_data_task", "a number > 0", self.cpus_per_data_task)
-        try:
-            AugmentConfig.from_dict(self.augment)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{prefix}.augment: {exc}") from None
+        if not timm.is_model(name):
+            raise ValueError("expected a timm model name (timm.list_models())")
+        return name
 
 
-@dataclass(frozen=True)
-class SequenceSection:
-    rnn: str = "gru"
-    hidden: int = 96
-    num_layers: int = 2
-    proj_dims: tuple[int, ...] = (512, 128)
-    dropout: float = 0.3
-    epochs: int = 40
-    batch_size: int = 16
-    window: int = 24
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5
-    max_failures: int = 3
-    seed: int = 0
-    checkpoint_every: int = 1
+#: Recurrent layers a sequence model may use (the classes: ichd_ray.models.sequence.RNN_TYPES).
+RNN_NAMES = ("gru", "lstm")
 
-    def model_config(self):
+
+class SequenceSection(_TrainLoop):
+    rnn: Literal["gru", "lstm"] = Field("gru", description="1st-place model 1: BiGRU + skip head")
+    hidden: int = Field(96, ge=1)
+    num_layers: int = Field(2, ge=1)
+    proj_dims: Annotated[tuple[Annotated[StrictInt, Field(gt=0)], ...], Field(strict=False, min_length=1)] = Field(
+        (512, 128), description="per-slice projection widths")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=1, description="studies per step")
+    window: int = Field(24, ge=2, description="random sub-sequence length while training (full studies at inference)")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(1, ge=1, description="validate + checkpoint every N epochs (and after the last)")
+
+    def sequence_config(self):
+        """The model's hyper-parameters as :class:`ichd_ray.models.sequence.SequenceConfig`."""
+        # Lazy: the config layer sits below models; only training calls this.
         from ichd_ray.models.sequence import SequenceConfig
 
         return SequenceConfig(tuple(self.proj_dims), self.hidden, self.num_layers, self.rnn, self.dropout)
 
-    def validate(self, prefix: str = "sequence") -> None:
-        try:
-            self.model_config()
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}: {exc}") from None
-        _common_train_checks(self, prefix)
-        _require(self.window >= 2, f"{prefix}.window", "an integer >= 2", self.window)
-        _require(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "an integer >= 1", self.checkpoint_every)
 
-
-@dataclass(frozen=True)
 class TrainConfig(SectionedConfig):
-    data: DataSection = field(default_factory=DataSection)
-    cnn: CnnSection = field(default_factory=CnnSection)
-    sequence: SequenceSection = field(default_factory=SequenceSection)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    storage: StorageSection = field(default_factory=StorageSection)
-    ray: RaySection = field(default_factory=RaySection)
+    data: DataSection = DataSection()
+    cnn: CnnSection = CnnSection()
+    sequence: SequenceSection = SequenceSection()
+    score: ScoreConfig = ScoreConfig()
+    index: IndexConfig = IndexConfig()
+    storage: StorageSection = StorageSection()
+    ray: RaySection = RaySection()
 
     def job_config(self):
         """The scoring job config the embedding stage runs with (embeddings on)."""
         from ichd_ray.config.job import JobConfig
 
-        score = {**asdict(self.score), "write_embeddings": True}
-        return JobConfig(
-            index=self.index, score=ScoreConfig(**score), storage=self.storage, ray=self.ray
-        ).validate()
+        return JobConfig(index=self.index, score=self.score.model_copy(update={"write_embeddings": True}),
+                         storage=self.storage, ray=self.ray)
 
 
 #: Named starting points; ``--config`` overrides them field by field.
@@ -276,7 +329,7 @@ def load_train_config(preset: str = "demo", path_or_uri: str | None = None, over
             data[section] = {**data.get(section, {}), **values}
     for section, values in (overrides or {}).items():
         data[section] = {**data.get(section, {}), **{k: v for k, v in values.items() if v is not None}}
-    return _coerce(TrainConfig, data, "").validate()
+    return validate_config(TrainConfig, data)
 
 
 # ------------------------------------------------------------------------ what each stage is keyed by
@@ -351,16 +404,15 @@ def cache_fields(size: int, windows: list[dict]) -> dict[str, Any]:
 
 def stage_fields(cfg: "TrainConfig", stage: str) -> dict[str, Any]:
     """The resolved config fields ``stage`` reads, as JSON (what its ``config_sha256`` hashes)."""
-    from ichd_ray.training.augment import AugmentConfig
     from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
     pixels = cache_fields(cfg.data.input_size, [w.to_dict() for w in DEFAULT_WINDOWS])
     if stage == "cache":
         return pixels
     if stage == "cnn":
-        cnn = asdict(cfg.cnn)
+        cnn = cfg.cnn.model_dump(mode="json")
         fields_ = {name: cnn[name] for name in _CNN_FIELDS}
-        fields_["augment"] = AugmentConfig.from_dict(cfg.cnn.augment).to_dict()  # resolved: {} == the defaults
+        fields_["augment"] = cfg.cnn.augment.to_dict()  # resolved: {} == the defaults
         # The pretrained start by content, not by path.
         fields_["pretrained_sha256"] = _file_sha256(cfg.cnn.pretrained_path) if cfg.cnn.pretrained_path else None
         fields_["input_size"] = cfg.data.input_size
@@ -370,7 +422,7 @@ def stage_fields(cfg: "TrainConfig", stage: str) -> dict[str, Any]:
         fields_ = {**{k: pixels[k] for k in ("input_size", "windows", "preprocessing")},
                    "normalization": DEFAULT_NORMALIZATION.to_dict(), "device": cfg.score.device}
     elif stage == "sequence":
-        seq = asdict(cfg.sequence)
+        seq = cfg.sequence.model_dump(mode="json")
         fields_ = {name: seq[name] for name in _SEQUENCE_FIELDS}
     else:
         raise ValueError(f"unknown training stage {stage!r}; known: {sorted(STAGE_VERSIONS)}")

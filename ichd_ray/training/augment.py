@@ -33,15 +33,14 @@ Geometry: matrices are in ``affine_grid``'s normalised frame with ``align_corner
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ichd_ray.config.job import ConfigError
+from ichd_ray.config.train import AugmentConfig  # the settings live with the other config models
 
 __all__ = [
     "AffineParams",
@@ -64,133 +63,6 @@ CHUNK_ELEMENTS = 1 << 19
 
 #: Aspect-ratio range (h / w) of an erased rectangle, log-uniform, as torchvision's RandomErasing.
 ERASE_RATIO = (0.3, 3.3)
-
-
-# --------------------------------------------------------------------------------------------------
-# configuration
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"augment.{name}: expected {allowed}, got {value!r}")
-
-
-def _check_prob(name: str, value: Any) -> None:
-    _check(_number(value) and 0.0 <= value <= 1.0, name, "a probability in [0, 1]", value)
-
-
-def _check_range(name: str, value: Any, low: float, high: float, allowed: str, low_open: bool = False) -> None:
-    ok = (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(_number(v) for v in value)
-        and (low < value[0] if low_open else low <= value[0])
-        and value[0] <= value[1] <= high
-    )
-    _check(ok, name, allowed, value)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """What :func:`augment_batch` does; the defaults follow the RSNA 2019 winners (flip, +-30 deg).
-
-    Args:
-        hflip_p: probability of a left-right flip, in [0, 1].
-        vflip_p: probability of an up-down flip, in [0, 1].
-        rotate_deg: rotation drawn uniformly in ``[-rotate_deg, rotate_deg]`` degrees, in [0, 180].
-        scale: ``(low, high)`` isotropic scale drawn uniformly, ``0 < low <= high <= 10``;
-            above 1 enlarges the content.
-        shift: shift on each axis drawn uniformly in ``[-shift, shift]`` as a fraction of that
-            side, in [0, 1]; positive moves the content right / down.
-        affine_p: probability that a sample is warped (rotation, scale and shift together), in [0, 1].
-        brightness: additive offset drawn uniformly in ``[-brightness, brightness]`` as a fraction
-            of 255, in [0, 1].
-        contrast: ``(low, high)`` factor around the image's per-channel mean, ``0 <= low <= high <= 10``.
-        intensity_p: probability that brightness and contrast are applied, in [0, 1].
-        erase_p: probability of erasing one rectangle (set to 0), in [0, 1].
-        erase_area: ``(low, high)`` area fraction of the erased rectangle, ``0 < low <= high <= 1``.
-    """
-
-    hflip_p: float = 0.5
-    vflip_p: float = 0.0
-    rotate_deg: float = 30.0
-    scale: tuple[float, float] = (0.9, 1.1)
-    shift: float = 0.1
-    affine_p: float = 0.8
-    brightness: float = 0.1
-    contrast: tuple[float, float] = (0.9, 1.1)
-    intensity_p: float = 0.5
-    erase_p: float = 0.0
-    erase_area: tuple[float, float] = (0.02, 0.2)
-
-    def __post_init__(self) -> None:
-        for name in ("scale", "contrast", "erase_area"):  # YAML / JSON give lists
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("hflip_p", "vflip_p", "affine_p", "intensity_p", "erase_p"):
-            _check_prob(name, getattr(self, name))
-        _check(_number(self.rotate_deg) and 0.0 <= self.rotate_deg <= 180.0, "rotate_deg", "degrees in [0, 180]", self.rotate_deg)
-        _check(_number(self.shift) and 0.0 <= self.shift <= 1.0, "shift", "a fraction of the side in [0, 1]", self.shift)
-        _check(_number(self.brightness) and 0.0 <= self.brightness <= 1.0, "brightness", "a fraction of 255 in [0, 1]", self.brightness)
-        _check_range("scale", self.scale, 0.0, 10.0, "a pair (low, high) with 0 < low <= high <= 10", low_open=True)
-        _check_range("contrast", self.contrast, 0.0, 10.0, "a pair (low, high) with 0 <= low <= high <= 10")
-        _check_range("erase_area", self.erase_area, 0.0, 1.0, "a pair (low, high) with 0 < low <= high <= 1", low_open=True)
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """A config that changes nothing: every probability 0 and every range neutral."""
-        return cls(
-            hflip_p=0.0,
-            vflip_p=0.0,
-            rotate_deg=0.0,
-            scale=(1.0, 1.0),
-            shift=0.0,
-            affine_p=0.0,
-            brightness=0.0,
-            contrast=(1.0, 1.0),
-            intensity_p=0.0,
-            erase_p=0.0,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-friendly dict (pairs as lists); :meth:`from_dict` reads it back."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AugmentConfig:
-        """Build from a mapping; missing fields take the defaults, unknown fields are rejected.
-
-        Args:
-            data: ``{field: value}``, e.g. the ``augment`` section of a job YAML.
-        """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"augment: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"augment: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**dict(data))
-
-    @property
-    def rand_flip(self) -> RandFlip:
-        return RandFlip(self.hflip_p, self.vflip_p)
-
-    @property
-    def rand_affine(self) -> RandAffine:
-        return RandAffine(self.affine_p, self.rotate_deg, self.scale, self.shift)
-
-    @property
-    def rand_intensity(self) -> RandIntensity:
-        return RandIntensity(self.intensity_p, self.brightness, self.contrast)
-
-    @property
-    def rand_erase(self) -> RandErase:
-        return RandErase(self.erase_p, self.erase_area)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,7 +443,10 @@ def augment_batch(images: np.ndarray, config: AugmentConfig, rng: np.random.Gene
         raise TypeError(f"config: expected an AugmentConfig, got {type(config).__name__}")
     n, height, width = images.shape[0], images.shape[2], images.shape[3]
     # Draw everything first, in a fixed order and number, so the stream does not depend on outcomes.
-    flip, affine, intensity, erase = config.rand_flip, config.rand_affine, config.rand_intensity, config.rand_erase
+    flip = RandFlip(config.hflip_p, config.vflip_p)
+    affine = RandAffine(config.affine_p, config.rotate_deg, config.scale, config.shift)
+    intensity = RandIntensity(config.intensity_p, config.brightness, config.contrast)
+    erase = RandErase(config.erase_p, config.erase_area)
     flip_params = flip.randomize(n, rng)
     affine_params = affine.randomize(n, rng)
     intensity_params = intensity.randomize(n, rng)
@@ -595,28 +470,3 @@ def augment_batch(images: np.ndarray, config: AugmentConfig, rng: np.random.Gene
             view[rows] = _to_uint8(x)
         erase.apply(view, _take(erase_params, part))
     return out
-
-
-def _benchmark(repeats: int = 20) -> None:  # pragma: no cover - manual micro-benchmark
-    import time
-
-    config = AugmentConfig(erase_p=0.5)
-    rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config {config.to_dict()}")
-    for size in (128, 256):
-        batch = rng.integers(0, 256, (64, 3, size, size), dtype=np.uint8)
-        augment_batch(batch, config, rng)  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            augment_batch(batch, config, rng)
-            seconds.append(time.perf_counter() - start)
-        median, best = float(np.median(seconds)), min(seconds)
-        print(
-            f"B=64 S={size}: {1 / median:.1f} batches/s median ({64 / median:.0f} slices/s, {median * 1e3:.1f} ms), "
-            f"{1 / best:.1f} best ({best * 1e3:.1f} ms) over {repeats}"
-        )
-
-
-if __name__ == "__main__":
-    _benchmark()

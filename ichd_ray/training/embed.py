@@ -114,7 +114,7 @@ def embed_fold(
         folds=1,
         windows=DEFAULT_WINDOWS,
         normalization=DEFAULT_NORMALIZATION,
-        sequence=cfg.sequence.model_config(),
+        sequence=cfg.sequence.sequence_config(),
         training={"state": "oof-embedding", "fold": fold, "key": key},
         version_id=f"oof-fold{fold}",
     )

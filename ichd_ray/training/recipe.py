@@ -159,7 +159,7 @@ def out_of_fold_predictions(rows, folds: int, cfg, sequence_uris: list[str], sto
             continue
         prevalence = np.concatenate([np.frombuffer(r["labels"], np.uint8) for r in train]).reshape(-1, len(CLASSES))
         prevalence = prevalence.mean(axis=0).clip(1e-6, 1 - 1e-6)
-        model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.model_config(), len(CLASSES))
+        model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.sequence_config(), len(CLASSES))
         model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_uris[k], storage_config)))
         preds = predict_studies(model, held)
         for r, (slice_p, study_p) in zip(held, preds):
@@ -275,7 +275,7 @@ def train_sequence_stage(
         cnn = SliceCNN(cfg.cnn.backbone, len(CLASSES))
         cnn.load_state_dict(safetensors.torch.load(cnn_bytes))
         seq_bytes = storage.read_bytes(seq_summaries[k]["weights_uri"], storage_config)
-        seq = SequenceModel.from_config(embed_dim, cfg.sequence.model_config(), len(CLASSES))
+        seq = SequenceModel.from_config(embed_dim, cfg.sequence.sequence_config(), len(CLASSES))
         seq.load_state_dict(safetensors.torch.load(seq_bytes))
         cnns.append(cnn)
         seqs.append(seq)
@@ -309,7 +309,7 @@ def train_sequence_stage(
         embed_dim=embed_dim,
         input_size=cfg.data.input_size,
         folds=cfg.data.folds,
-        sequence=cfg.sequence.model_config(),
+        sequence=cfg.sequence.sequence_config(),
         thresholds=thresholds,
         slice_thresholds=slice_thresholds,
         training=training,
