@@ -15,6 +15,9 @@ __all__ = ["main", "build_parser"]
 
 
 from ichd_ray.config.demo import DemoConfig
+from ichd_ray.config.job import ConfigError, load_job_config, read_yaml_sections
+from ichd_ray.config.reference import json_schema, markdown_reference
+from ichd_ray.config.train import load_train_config
 
 #: The demo's defaults, from its config model (pydantic only: --help stays free of torch).
 DEMO_DEFAULTS = DemoConfig()
@@ -177,10 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from ichd_ray.config.job import ConfigError, load_job_config, read_yaml_sections
-    from ichd_ray.config.reference import json_schema, markdown_reference
-    from ichd_ray.config.train import load_train_config
-
     if args.config_command != "validate":
         print(json.dumps(json_schema(), indent=2) if args.schema else markdown_reference())
         return 0
@@ -291,9 +290,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ichd_ray.config.job import ConfigError
-    from ichd_ray.config.train import load_train_config
-
     overrides = {
         "storage": {"endpoint_url": args.endpoint_url, "region": args.region},
         "data": {"folds": args.folds},
@@ -344,7 +340,6 @@ def _nightly(args: argparse.Namespace) -> int:
     import datetime as dt
     import math
 
-    from ichd_ray.config.job import ConfigError, load_job_config
 
     if not (math.isfinite(args.lease_ttl) and args.lease_ttl >= 1):
         print(f"ichd-ray nightly: --lease-ttl must be a number of seconds >= 1, got {args.lease_ttl}", file=sys.stderr)
@@ -419,7 +414,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _index_or_score(args: argparse.Namespace) -> int:
-    from ichd_ray.config.job import ConfigError, load_job_config
 
     storage_overrides = {"endpoint_url": args.endpoint_url, "region": args.region}
     score_overrides = {}

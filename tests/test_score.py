@@ -262,7 +262,7 @@ def test_a_pool_that_cannot_fit_fails_fast_instead_of_hanging(ray_session, datas
     from ichd_ray.config.job import ConfigError
 
     root, data, bundle = dataset
-    job = dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, num_actors=2, cpus_per_actor=1.0))
+    job = JOB.with_overrides({"score": {"num_actors": 2, "cpus_per_actor": 1.0}})
     with pytest.raises(ConfigError, match="cpus_per_actor"):
         score_job(str(data), str(bundle), str(root / "never"), job=job)
     assert not (root / "never").exists()
@@ -294,7 +294,7 @@ def test_the_pool_check_places_actors_and_a_decode_task_on_real_nodes(monkeypatc
     from ichd_ray.config.job import ConfigError
 
     def job(**score):
-        return dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, **score))
+        return JOB.with_overrides({"score": score})
 
     # fits: an actor on one node, a decode task on the other
     _fit(monkeypatch, _nodes((1, 0, 4), (1, 0, 4)), job(cpus_per_actor=0.5, cpus_per_decode_task=1.0))
@@ -309,7 +309,7 @@ def test_the_pool_check_places_actors_and_a_decode_task_on_real_nodes(monkeypatc
     with pytest.raises(ConfigError, match="memory"):
         _fit(monkeypatch, _nodes((2, 0, 4), (2, 0, 4)), job(), decode_memory=6 * GIB)
     # on an autoscaling cluster the same impossible pool is left to the autoscaler
-    autoscaling = dataclasses.replace(job(cpus_per_actor=1.5), ray=dataclasses.replace(JOB.ray, autoscaling=True))
+    autoscaling = JOB.with_overrides({"score": {"cpus_per_actor": 1.5}, "ray": {"autoscaling": True}})
     _fit(monkeypatch, _nodes((1, 0, 4)), autoscaling, decode_memory=6 * GIB)
 
 
@@ -358,7 +358,7 @@ def test_decode_is_never_fused_into_the_model_actor(ray_session, dataset, monkey
         return out
 
     monkeypatch.setattr(ray.data.Dataset, "materialize", spy)
-    job = dataclasses.replace(JOB, score=dataclasses.replace(JOB.score, cpus_per_actor=1.0, cpus_per_decode_task=1.0))
+    job = JOB.with_overrides({"score": {"cpus_per_actor": 1.0, "cpus_per_decode_task": 1.0}})
     assert score_job(str(data), str(bundle), str(root / "unfused"), job=job).status == "succeeded"
     assert "MapBatches(decode_studies)->MapBatches(StudyScoringActor)" not in plans[0]
     assert "MapBatches(StudyScoringActor)" in plans[0]
