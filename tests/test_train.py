@@ -109,6 +109,7 @@ def test_train_all_cli_score_and_evaluate(ray_session, tiny_set, tmp_path, capsy
     assert result["study_head"]["n"] == used["study_uid"].nunique()
 
 
+@pytest.mark.slow  # a fault scenario (SIGKILL of a Ray Train worker), ~100 s: with the other fault tests
 def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(ray_session, tiny_set, tmp_path):
     """Rank 0 dies in epoch 1 (after epoch 0's checkpoint); Ray Train restarts the group, the loop resumes
     at epoch 1 from the checkpoint and finishes: two epochs in the history, the second marked resumed."""
