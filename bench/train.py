@@ -3,7 +3,7 @@
     python bench/train.py --studies 200 --config bench/train_200.yaml --write
 
 Synthesises ``--studies`` studies with the generator's documented default difficulty (nothing retuned),
-runs ``train all`` (preset demo + ``--config``) on local Ray, and reports the out-of-fold weighted log
+runs ``train all`` (recipe demo + ``--config``) on local Ray, and reports the out-of-fold weighted log
 loss of the prior-only baseline, the CNN alone and CNN + sequence, the per-stage times and the CNN
 training throughput. ``--write`` puts the figures into BENCHMARKS.md. An existing ``--root`` is reused
 (synthesis and any finished training stage are skipped), so an interrupted run resumes.
@@ -62,7 +62,7 @@ def main() -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; {dt.date.today()}; Ray {ray.__version__}.",
         f"Command: `python bench/train.py --studies {args.studies} --config {args.config} --write` "
         f"({args.studies} synthetic studies x ~{args.slices} slices at {args.dicom_size}px, generator defaults, seed {args.seed}).",
-        f"Config: preset demo + `{args.config}`: {cfg.data.folds} folds by patient, {cfg.cnn.backbone} at {cfg.data.input_size}px, "
+        f"Config: recipe demo + `{args.config}`: {cfg.data.folds} folds by patient, {cfg.cnn.backbone} at {cfg.data.input_size}px, "
         f"{cfg.cnn.epochs} CNN epochs x {cfg.cnn.samples_per_study} samples per study, sequence {cfg.sequence.rnn} "
         f"{cfg.sequence.epochs} epochs on {cfg.sequence.window}-slice windows.",
         "",

@@ -16,6 +16,7 @@ __all__ = ["main", "build_parser"]
 
 from ichd_ray.config.demo import DemoConfig
 from ichd_ray.config.job import ConfigError, load_job_config, read_yaml_sections
+from ichd_ray.config.recipes import RECIPE_ALIASES, load_recipe, recipe_names, resolved_yaml
 from ichd_ray.config.reference import json_schema, markdown_reference
 from ichd_ray.config.train import load_train_config
 
@@ -56,6 +57,22 @@ def _storage_config(args: argparse.Namespace):
     return StorageConfig.from_env(**overrides)
 
 
+def _recipe_args(parser: argparse.ArgumentParser, *, what: str) -> None:
+    names = recipe_names() + sorted(RECIPE_ALIASES)
+    parser.add_argument("--recipe", choices=names, default=None, metavar="NAME",
+                        help=f"{what} (default: demo; `ichd-ray recipes` lists them: {', '.join(recipe_names())})")
+    parser.add_argument("--preset", choices=names, default=None, help="deprecated alias of --recipe")
+
+
+def _recipe_name(args: argparse.Namespace) -> str:
+    """--recipe, or the deprecated --preset (with a note on stderr); both given must agree."""
+    if args.preset is not None:
+        print("ichd-ray: --preset is deprecated; use --recipe (same names)", file=sys.stderr)
+        if args.recipe is not None and RECIPE_ALIASES.get(args.recipe, args.recipe) != RECIPE_ALIASES.get(args.preset, args.preset):
+            raise ConfigError(f"--recipe {args.recipe} and --preset {args.preset} disagree; give --recipe only")
+    return args.recipe or args.preset or "demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ichd-ray", description="Intracranial hemorrhage detection on head CT, on Ray."
@@ -72,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--bad-files", type=int, default=0, help="invalid objects to add (for testing)")
     synth.add_argument("--workers", type=_positive_int, default=max(1, os.cpu_count() or 1))
     _storage_args(synth)
+    synth.set_defaults(func=_synth)
 
     index = sub.add_parser("index", help="read headers only and write a manifest (one row per object)")
     index.add_argument("input", help="prefix to list (local, file://, s3://) or a .txt/.parquet list of URIs")
     index.add_argument("--out", required=True, help="manifest Parquet to write")
-    index.add_argument("--config", help="job YAML (see ichd_ray/config/job.py)")
+    index.add_argument("--config", help="job YAML (see docs/config.md)")
     _storage_args(index)
+    index.set_defaults(func=_index_or_score)
 
     score = sub.add_parser("score", help="score every study under INPUT with a model bundle")
     score.add_argument("input", nargs="?", help="prefix to list, or a .txt/.parquet list of URIs")
@@ -92,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", choices=["auto", "cpu", "cuda"])
     score.add_argument("--no-progress", action="store_true")
     _storage_args(score)
+    score.set_defaults(func=_index_or_score)
 
     model = sub.add_parser("model", help="model bundles")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -103,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--input-size", type=_positive_int, default=256)
     init.add_argument("--seed", type=int, default=0)
     _storage_args(init)
+    init.set_defaults(func=_model_init)
 
     results = sub.add_parser("results", help="query committed result tables with DuckDB")
     results.add_argument("out", help="output prefix of a scoring run")
     results.add_argument("--sql", default="SELECT run_id, status, model_version, n_studies, n_slices_scored, n_rejected, finished_at FROM runs ORDER BY finished_at DESC")
     _storage_args(results)
+    results.set_defaults(func=_results)
 
     train = sub.add_parser("train", help="k-fold training on Ray Train: CNN -> out-of-fold embeddings -> sequence -> bundle")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
@@ -124,12 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--out", required=True, help="bundle URI to write")
             stage.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
         stage.add_argument("--work", required=name == "cnn", help="work folder: manifest, cache, checkpoints (default: <out>-work)")
-        stage.add_argument("--preset", choices=["demo", "rsna"], default="demo", help="starting config (default: demo)")
-        stage.add_argument("--config", help="training YAML overriding the preset (see ichd_ray/config/train.py)")
+        _recipe_args(stage, what="the recipe to start from")
+        stage.add_argument("--config", help="training YAML overriding the recipe, by section (see docs/config.md)")
         stage.add_argument("--folds", type=_positive_int, help="override data.folds")
         stage.add_argument("--epochs", type=_positive_int, help="override cnn.epochs")
         stage.add_argument("--no-progress", action="store_true")
         _storage_args(stage)
+        stage.set_defaults(func=_train)
 
     nightly = sub.add_parser("nightly", help="rescore an archive incrementally: only new or changed studies, or all on a new model")
     nightly.add_argument("--archive", required=True, help="archive prefix (local, file://, s3://)")
@@ -146,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--config", help="job YAML (see ichd_ray/config/job.py)")
     nightly.add_argument("--no-progress", action="store_true")
     _storage_args(nightly)
+    nightly.set_defaults(func=_nightly)
 
     evaluate = sub.add_parser("evaluate", help="metrics of a scoring run against labels: table + JSON")
     evaluate.add_argument("--predictions", required=True, help="output prefix of a scoring run (OUT of ichd-ray score)")
@@ -158,23 +182,33 @@ def build_parser() -> argparse.ArgumentParser:
         "thresholds on the studies table (default: 0.5 per class, with a warning)",
     )
     _storage_args(evaluate)
+    evaluate.set_defaults(func=_evaluate)
 
-    demo = sub.add_parser("demo", help="the embedded default: synthesise, train (preset demo), score, evaluate on local Ray")
+    demo = sub.add_parser("demo", help="the embedded default: synthesise, train (recipe demo), score, evaluate on local Ray")
     demo.add_argument("--out", default=DEMO_DEFAULTS.out)
     demo.add_argument("--studies", type=_positive_int, default=DEMO_DEFAULTS.studies)
     demo.add_argument("--slices", type=_positive_int, default=DEMO_DEFAULTS.slices)
     demo.add_argument("--dicom-size", type=_positive_int, default=DEMO_DEFAULTS.dicom_size, help="synthetic image side")
-    demo.add_argument("--config", help="training YAML overriding the demo preset")
+    demo.add_argument("--config", help="training YAML overriding the demo recipe")
     demo.add_argument("--seed", type=int, default=DEMO_DEFAULTS.seed)
     demo.add_argument("--workers", type=_positive_int, default=DEMO_DEFAULTS.workers)
+    demo.set_defaults(func=_demo)
+
+    recipes = sub.add_parser("recipes", help="training recipes: list them, print one resolved, copy one to edit",
+                             usage="ichd-ray recipes [NAME | cp NAME FILE]")
+    recipes.add_argument("words", nargs="*", metavar="NAME | cp NAME FILE",
+                         help="none: list the recipes; NAME: print it resolved (every field); cp NAME FILE: write that to FILE")
+    recipes.set_defaults(func=_recipes)
+
     config = sub.add_parser("config", help="the config reference and schema; validate a config file without running")
     config.add_argument("--schema", action="store_true", help="print the JSON Schema of every config")
+    config.set_defaults(func=_config)
     config_sub = config.add_subparsers(dest="config_command", metavar="validate")
     validate = config_sub.add_parser("validate", help="check a config YAML: exit 0 and its resolved form, or 2 and why")
     validate.add_argument("file", help="local path or storage URI of the YAML")
     validate.add_argument("--kind", choices=["job", "train"], default=None,
                           help="job (score/nightly) or train; default: train when the file has a data/cnn/sequence section")
-    validate.add_argument("--preset", choices=["demo", "rsna"], default="demo", help="the preset a train config overlays")
+    _recipe_args(validate, what="the recipe a train config overlays")
     _storage_args(validate)
     return parser
 
@@ -185,13 +219,45 @@ def _config(args: argparse.Namespace) -> int:
         return 0
     try:
         kind = args.kind or ("train" if {"data", "cnn", "sequence"} & set(read_yaml_sections(args.file)) else "job")
-        cfg = load_train_config(args.preset, args.file) if kind == "train" else load_job_config(args.file)
+        cfg = load_train_config(_recipe_name(args), args.file) if kind == "train" else load_job_config(args.file)
     except ConfigError as exc:
         print(f"ichd-ray config validate: {args.file}: {exc}", file=sys.stderr)
         return 2
     print(f"# {args.file}: a valid {kind} config (sha256 {cfg.sha256()}); resolved:")
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    words = args.words
+    if not words:  # one line each, like `tune ls`
+        width = max(map(len, recipe_names()))
+        for name in recipe_names():
+            aliases = [a for a, b in RECIPE_ALIASES.items() if b == name]
+            also = f" (alias: {', '.join(aliases)})" if aliases else ""
+            print(f"{name:<{width}}  {load_recipe(name).description}{also}")
+        return 0
+    if len(words) == 1 or (len(words) == 3 and words[0] == "cp"):
+        name = words[0] if len(words) == 1 else words[1]
+        try:
+            recipe = load_recipe(name)
+            text = resolved_yaml(recipe, load_train_config(name).to_dict())
+        except ConfigError as exc:
+            print(f"ichd-ray recipes: {exc}", file=sys.stderr)
+            return 2
+        if len(words) == 1:
+            print(text, end="")
+            return 0
+        try:  # "x": never replace a file someone may have edited
+            with open(words[2], "x", encoding="utf-8") as f:
+                f.write(text)
+        except FileExistsError:
+            print(f"ichd-ray recipes cp: {words[2]} exists; not replacing it", file=sys.stderr)
+            return 2
+        print(f"wrote recipe {recipe.name} resolved to {words[2]}; train with: ichd-ray train all --config {words[2]} ...")
+        return 0
+    print("usage: ichd-ray recipes [NAME | cp NAME FILE]", file=sys.stderr)
+    return 2
 
 
 #: Exit code when storage failed (unavailable past its retries, access denied, disk full): the run
@@ -206,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ichd_ray.pipeline.index import EmptyInput
 
     try:
-        return _dispatch(args)
+        return args.func(args)
+    except BrokenPipeError:  # `ichd-ray config --schema | head`: the reader left; not a storage fault
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
+        return 1
     except EmptyInput as exc:  # a mistyped prefix: an input error, not a storage fault
         print(f"ichd-ray {args.command}: {exc}; nothing was written", file=sys.stderr)
         return 2
@@ -220,73 +289,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STORAGE
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "synth":
-        from ichd_ray.synthetic.generate import SynthConfig, generate
+def _synth(args: argparse.Namespace) -> int:
+    from ichd_ray.synthetic.generate import SynthConfig, generate
 
-        if args.size < 32 or args.slices < 3:
-            print("ichd-ray synth: --size must be >= 32 and --slices >= 3", file=sys.stderr)
-            return 2
-        cfg = SynthConfig(
-            studies=args.studies,
-            slices=args.slices,
-            size=args.size,
-            seed=args.seed,
-            compressed_fraction=args.compressed_fraction,
-            bad_files=args.bad_files,
-        )
-        summary = generate(args.out, cfg, workers=args.workers, storage_config=_storage_config(args))
-        summary.pop("config")
-        print(json.dumps(summary, indent=2))
-        return 0
-    if args.command in ("index", "score"):
-        return _index_or_score(args)
-    if args.command == "model":
-        from ichd_ray.models.bundle import init_bundle
+    if args.size < 32 or args.slices < 3:
+        print("ichd-ray synth: --size must be >= 32 and --slices >= 3", file=sys.stderr)
+        return 2
+    cfg = SynthConfig(studies=args.studies, slices=args.slices, size=args.size, seed=args.seed,
+                      compressed_fraction=args.compressed_fraction, bad_files=args.bad_files)
+    summary = generate(args.out, cfg, workers=args.workers, storage_config=_storage_config(args))
+    summary.pop("config")
+    print(json.dumps(summary, indent=2))
+    return 0
 
-        config = init_bundle(
-            args.out,
-            args.backbone,
-            folds=args.folds,
-            input_size=args.input_size,
-            weights_path=args.weights,
-            seed=args.seed,
-            storage_config=_storage_config(args),
-        )
-        print(f"wrote bundle {args.out}: version {config.version_id}, backbone {config.backbone}, {config.folds} fold(s)")
-        return 0
-    if args.command == "results":
-        import pandas as pd
 
-        from ichd_ray.io.results import query
+def _model_init(args: argparse.Namespace) -> int:
+    from ichd_ray.models.bundle import init_bundle
 
-        with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
-            print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
-        return 0
-    if args.command == "config":
-        return _config(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "evaluate":
-        return _evaluate(args)
-    if args.command == "nightly":
-        return _nightly(args)
-    if args.command == "demo":
-        from ichd_ray.demo import run_demo
+    config = init_bundle(args.out, args.backbone, folds=args.folds, input_size=args.input_size,
+                         weights_path=args.weights, seed=args.seed, storage_config=_storage_config(args))
+    print(f"wrote bundle {args.out}: version {config.version_id}, backbone {config.backbone}, {config.folds} fold(s)")
+    return 0
 
-        summary = run_demo(
-            DemoConfig(
-                out=args.out,
-                studies=args.studies,
-                slices=args.slices,
-                dicom_size=args.dicom_size,
-                config=args.config,
-                seed=args.seed,
-                workers=args.workers,
-            )
-        )
-        return 0 if summary.status == "succeeded" else 1
-    raise AssertionError(args.command)
+
+def _results(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ichd_ray.io.results import query
+
+    with pd.option_context("display.max_rows", 200, "display.width", 200, "display.max_columns", 30):
+        print(query(args.out, args.sql, _storage_config(args)).to_string(index=False))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ichd_ray.demo import run_demo
+
+    summary = run_demo(DemoConfig(out=args.out, studies=args.studies, slices=args.slices, dicom_size=args.dicom_size,
+                                  config=args.config, seed=args.seed, workers=args.workers))
+    return 0 if summary.status == "succeeded" else 1
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -296,7 +337,8 @@ def _train(args: argparse.Namespace) -> int:
         "cnn": {"epochs": args.epochs},
     }
     try:  # the whole config is validated before Ray starts
-        cfg = load_train_config(args.preset, args.config, overrides)
+        recipe = _recipe_name(args)
+        cfg = load_train_config(recipe, args.config, overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ichd-ray train {args.train_command}: {exc}", file=sys.stderr)
         return 2
@@ -306,6 +348,7 @@ def _train(args: argparse.Namespace) -> int:
     from ichd_ray.training.recipe import default_work_uri, train_all, train_cnn_stage, train_sequence_stage
 
     sc = cfg.storage.storage_config()
+    source = {**load_recipe(recipe).provenance(), "config_file": args.config}  # into the bundle, beside the resolved config
     out = getattr(args, "out", None)
     work = args.work or default_work_uri(out)
     if out and not args.overwrite:
@@ -323,9 +366,11 @@ def _train(args: argparse.Namespace) -> int:
             print(f"CNN stage done in {result['seconds']:.0f} s: weights in {work}/cnn/; next: ichd-ray train sequence --work {work} --out BUNDLE")
             return 0
         if args.train_command == "sequence":
-            result = train_sequence_stage(work, out, cfg, storage_config=sc, progress=not args.no_progress, overwrite=args.overwrite)
+            result = train_sequence_stage(work, out, cfg, storage_config=sc, progress=not args.no_progress,
+                                          overwrite=args.overwrite, provenance={"recipe": source})
         else:
-            result = train_all(args.data, args.labels, out, cfg, work_uri=work, storage_config=sc, progress=not args.no_progress, overwrite=args.overwrite)
+            result = train_all(args.data, args.labels, out, cfg, work_uri=work, storage_config=sc, recipe=source,
+                               progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, BundleError, ValueError, FileNotFoundError) as exc:
         print(f"ichd-ray train {args.train_command}: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The embedded default job: synthesise a study set, train on it, score it, evaluate, on local Ray.
 
 This is what ``make demo`` runs on a fresh machine (local Ray, local files, no cluster): the same
-``synth`` -> ``train all --preset demo`` -> ``score`` -> ``evaluate`` steps a user runs from the README,
+``synth`` -> ``train all --recipe demo`` -> ``score`` -> ``evaluate`` steps a user runs from the README,
 ending with where the Parquet is and how to query it. The scored set is the training set itself (the
 demo shows the system; the honest out-of-fold figures are the training table it prints first).
 """
@@ -12,24 +12,24 @@ import logging
 import os
 import time
 
-from ichd_ray.io import storage
+import ray.data
+
 from ichd_ray.config.demo import DemoConfig
+from ichd_ray.config.recipes import load_recipe
+from ichd_ray.config.train import load_train_config
+from ichd_ray.evaluation.evaluate import evaluate, format_table
+from ichd_ray.io import storage
+from ichd_ray.io.results import format_summary
+from ichd_ray.pipeline.ray_session import init_ray
+from ichd_ray.pipeline.score import score_job
 from ichd_ray.synthetic.generate import SynthConfig, generate
+from ichd_ray.training.recipe import train_all
 
 __all__ = ["DemoConfig", "run_demo"]
 
 
 def run_demo(cfg: DemoConfig):
     """Synthesise, train, score, evaluate; prints each step and returns the scoring run summary."""
-    import ray.data
-
-    from ichd_ray.evaluation.evaluate import evaluate, format_table
-    from ichd_ray.pipeline.ray_session import init_ray
-    from ichd_ray.io.results import format_summary
-    from ichd_ray.pipeline.score import score_job
-    from ichd_ray.training.recipe import train_all
-    from ichd_ray.config.train import load_train_config
-
     started = time.perf_counter()
     # Synthetic patients only: a fixed salt keeps the demo quiet; real runs set their own.
     os.environ.setdefault("ICHD_PATIENT_SALT", "ichd-ray-demo")
@@ -50,8 +50,9 @@ def run_demo(cfg: DemoConfig):
     ray.data.DataContext.get_current().enable_progress_bars = False
     for name in ("ray.data", "ray.train"):  # the demo prints its own progress lines
         logging.getLogger(name).setLevel(logging.WARNING)
-    print(f"[2/4] training (preset demo: {train_cfg.data.folds} folds, {train_cfg.cnn.backbone} at {train_cfg.data.input_size}px) on local Ray")
-    trained = train_all(archive, labels, model, train_cfg, overwrite=True, log=lambda line: print("   " + line))
+    print(f"[2/4] training (recipe demo: {train_cfg.data.folds} folds, {train_cfg.cnn.backbone} at {train_cfg.data.input_size}px) on local Ray")
+    trained = train_all(archive, labels, model, train_cfg, overwrite=True,
+                        recipe={**load_recipe("demo").provenance(), "config_file": cfg.config}, log=lambda line: print("   " + line))
     print()
     print("\n".join("      " + line for line in trained.table.splitlines()))
     print(f"      bundle {model}: version {trained.version_id} ({trained.seconds:.0f} s)")

@@ -1,13 +1,16 @@
-"""Shared pytest fixtures: an in-process moto S3 server and fresh buckets on it."""
+"""Shared pytest fixtures: an in-process moto S3 server and fresh buckets on it; one local Ray per session;
+faults injected from outside (a worker process SIGKILLed), never through hooks in production code."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -68,7 +71,10 @@ def ray_session():
     this process's environment (set above), which local Ray's workers inherit, as a pod's would."""
     import ray
 
+    from ichd_ray.pipeline.ray_session import NO_PREEMPTION_WATCHER
+
     if not ray.is_initialized():
+        os.environ.setdefault(*NO_PREEMPTION_WATCHER)  # as init_ray does for a local Ray
         ray.init(
             address="local",  # never join a cluster a fault test or `ray start` left on this machine
             num_cpus=2,
@@ -87,3 +93,44 @@ def ray_session():
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
+
+
+@contextlib.contextmanager
+def _kill_once(name: str, after_s: float = 0.5, when: Callable[[], bool] | None = None):
+    """SIGKILL the first worker of this session's Ray whose command line names ``name``, ``after_s`` after
+    it is found (and once ``when()`` holds); yields the list the killed pid is appended to."""
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def hunt():
+        while not stop.is_set() and not killed:
+            if when is None or when():
+                for proc in raylet.children(recursive=True):
+                    try:
+                        if name in " ".join(proc.cmdline()):
+                            stop.wait(after_s)  # let it get going
+                            proc.kill()
+                            killed.append(proc.pid)
+                            return
+                    except psutil.Error:
+                        continue
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+@pytest.fixture
+def kill_worker(ray_session):
+    """``with kill_worker("StudyScoringActor", after_s=0.5, when=None) as killed:`` SIGKILLs that Ray worker
+    process once while the block runs (Ray's own recovery is what the test then checks)."""
+    return _kill_once

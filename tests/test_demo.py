@@ -5,7 +5,7 @@ from ichd_ray.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.timeout(600)
 
-# The demo preset's story at toy size: every stage runs, in about a minute on 2 CPUs.
+# The demo recipe's story at toy size: every stage runs, in about a minute on 2 CPUs.
 TOY = {
     "data": {"folds": 2, "input_size": 32, "studies_per_task": 4},
     "cnn": {"backbone": "test_resnet", "epochs": 1, "samples_per_study": 4, "batch_size": 8, "torch_threads": 1},

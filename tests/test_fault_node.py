@@ -121,13 +121,13 @@ def test_training_resumes_from_its_checkpoint_when_the_worker_node_dies(tmp_path
 
     fold0, fold1 = train["folds"]
     epochs = [h["epoch"] for h in fold0["history"]]
-    assert epochs == [0, 1, 2]
+    assert epochs == [0, 1]
     # epoch 0 ran before the kill; what ran after started from a checkpoint, not from scratch
     assert fold0["history"][0]["resumed_from_epoch"] is None
     resumed = [h["resumed_from_epoch"] for h in fold0["history"][1:]]
     assert resumed[0] is not None and resumed[0] >= 0, fold0["history"]
     assert all(r == resumed[0] for r in resumed)
-    assert [h["epoch"] for h in fold1["history"]] == [0, 1, 2]
+    assert [h["epoch"] for h in fold1["history"]] == [0, 1]
     for fold in (fold0, fold1):
         assert all(math.isfinite(h["val_weighted_log_loss"]) and math.isfinite(h["train_loss"]) for h in fold["history"])
         assert Path(fold["weights_uri"]).exists()

@@ -802,7 +802,7 @@ def test_entrypoints_are_the_documented_commands() -> None:
     entry = dict(_entrypoints())
     assert entry["rayjob-train"] == (
         "python jobs/train.py all --data s3://BUCKET/rsna/train --labels s3://BUCKET/rsna/labels.csv "
-        "--out s3://BUCKET/models/ --preset rsna"
+        "--out s3://BUCKET/models/ --recipe rsna1st"
     )
     nightly = ("python jobs/nightly.py --archive s3://BUCKET/archive/ --model s3://BUCKET/models/current/ "
                "--out s3://BUCKET/results/")

@@ -68,7 +68,7 @@ CASES = [
     (10, 0.99, 0.02, 1.0),  # all warm-up but one step
     (2000, 0.05, 0.0, 5e-4),
     (5000, 0.25, 0.02, 5e-4),
-    (10000, 0.05, 0.02, 5e-4),  # about the rsna preset's CNN run (10 epochs of ~530 steps)
+    (10000, 0.05, 0.02, 5e-4),  # about the rsna1st recipe's CNN run (10 epochs of ~530 steps)
 ]
 
 

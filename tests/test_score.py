@@ -139,7 +139,7 @@ def test_the_reject_limit_counts_faults_not_selected_out_objects(ray_session, da
     assert strict.status == "failed" and "faults of" in strict.problems[0]
 
 
-def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing(ray_session, dataset, tmp_path):
+def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing(ray_session, dataset, tmp_path, kill_worker):
     root, data, bundle = dataset
     out = root / "out-rerun"
     first = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
@@ -148,7 +148,7 @@ def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing
     # a run killed right after its attempt folder appeared left nothing else
     (out / "slices" / "run_id=nightly" / "attempt=killed-early").mkdir()
     # SIGKILL the scoring actor's process once it is up: Ray Data restarts it and retries its batch
-    with kill_once("StudyScoringActor") as killed:
+    with kill_worker("StudyScoringActor") as killed:
         second = score_job(str(data), str(bundle), str(out), job=JOB, run_id="nightly")
     assert killed, "the scoring actor was never found to kill"
     assert second.attempt != first.attempt and second.status == "succeeded"
@@ -159,39 +159,6 @@ def test_rerun_with_same_run_id_leaves_one_copy_and_killed_actor_changes_nothing
         attempts = {p.name for p in (out / table / "run_id=nightly").iterdir()}
         assert attempts == {f"attempt={second.attempt}"}
     assert query(str(out), "SELECT count(*) AS n FROM runs")["n"].iloc[0] == 1
-
-
-@contextlib.contextmanager
-def kill_once(name: str, after_s: float = 0.5):
-    """SIGKILL the first worker of this session's Ray whose process title names ``name`` (a fault from
-    the test, not a hook in production code); yields the list the killed pid is appended to."""
-    import psutil
-    import ray
-
-    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def hunt():
-        while not stop.is_set() and not killed:
-            for proc in raylet.children(recursive=True):
-                try:
-                    if name in " ".join(proc.cmdline()):
-                        stop.wait(after_s)  # let it get going
-                        proc.kill()
-                        killed.append(proc.pid)
-                        return
-                except psutil.Error:
-                    continue
-            stop.wait(0.1)
-
-    thread = threading.Thread(target=hunt, daemon=True)
-    thread.start()
-    try:
-        yield killed
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def test_uncommitted_attempt_is_invisible(ray_session, dataset):

@@ -423,3 +423,10 @@ def test_fsspec_s3(s3_bucket):
     with fs.open(f"{bucket}/f/y.bin", "wb") as fh:
         fh.write(b"from fsspec")
     assert storage.read_bytes(f"s3://{bucket}/f/y.bin", cfg) == b"from fsspec"
+
+
+def test_absolute_makes_local_paths_absolute_in_their_own_form(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("work/cache/a.u8") == str(tmp_path / "work/cache/a.u8")
+    assert storage.absolute("file://" + str(tmp_path / "x")) == "file://" + str(tmp_path / "x")
+    assert storage.absolute("s3://bucket/work/a.u8") == "s3://bucket/work/a.u8"

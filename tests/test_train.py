@@ -65,6 +65,10 @@ def test_train_all_cli_score_and_evaluate(ray_session, tiny_set, tmp_path, capsy
     ts = load_training_set(work)
     assert training["manifest_sha256"] == ts.manifest_sha256
     assert training["config_sha256"] == load_train_config("demo", _config(tmp_path)).sha256()
+    # where the config came from: the recipe by name and the sha256 of its file, and the overlay
+    from ichd_ray.config.recipes import load_recipe
+
+    assert training["recipe"] == {"name": "demo", "sha256": load_recipe("demo").sha256, "config_file": _config(tmp_path)}
     metrics = training["metrics"]
     assert set(metrics) >= {"prior", "cnn", "cnn_sequence", "gains", "thresholds"}
     assert all(0 < metrics[k]["slice"]["weighted_log_loss"] < 5 for k in ("prior", "cnn", "cnn_sequence"))
@@ -110,31 +114,34 @@ def test_train_all_cli_score_and_evaluate(ray_session, tiny_set, tmp_path, capsy
 
 
 @pytest.mark.slow  # a fault scenario (SIGKILL of a Ray Train worker), ~100 s: with the other fault tests
-def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(ray_session, tiny_set, tmp_path):
-    """Rank 0 dies in epoch 1 (after epoch 0's checkpoint); Ray Train restarts the group, the loop resumes
-    at epoch 1 from the checkpoint and finishes: two epochs in the history, the second marked resumed."""
+def test_training_worker_killed_mid_epoch_resumes_from_checkpoint(ray_session, tiny_set, tmp_path, kill_worker):
+    """The Ray Train worker is SIGKILLed from outside once epoch 0's checkpoint is on disk; Ray Train
+    restarts the group, the loop resumes from that checkpoint and finishes: every epoch in the history
+    once, the ones after the kill marked resumed."""
     from ichd_ray.training.cnn import train_cnn_fold
-    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.keys import training_keys
     from ichd_ray.training.data import build_cache, prepare_training_set
     from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 
     root, data = tiny_set
-    cfg = load_train_config("demo", _config(tmp_path, {"cnn": {"max_failures": 1, "samples_per_study": 8}}))
+    cfg = load_train_config("demo", _config(tmp_path, {"cnn": {"max_failures": 1, "samples_per_study": 8, "epochs": 3}}))
     work = str(tmp_path / "work")
     ts = prepare_training_set(str(data), str(data / "labels.csv"), work, folds=2, fold_seed=0, index_config=cfg.index)
     studies, failures = build_cache(ts, work, size=32, windows=[w.to_dict() for w in DEFAULT_WINDOWS], studies_per_task=4, cpus_per_task=1.0)
     assert not failures and len(studies) == len(ts.studies)
     key = training_keys(cfg, manifest_sha256=ts.manifest_sha256, folds_sha256=ts.folds_sha256)["cnn"][0].key
-    marker = tmp_path / "killed"
-    summary = train_cnn_fold(
-        studies, 0, cfg, work, key=key, normalization=DEFAULT_NORMALIZATION.to_dict(),
-        fault={"marker": str(marker), "epoch": 1, "step": 1},
-    )
-    assert marker.exists()  # the worker did die
-    assert summary["steps_per_epoch"] >= 2  # so step 1 is mid-epoch
+
+    def checkpointed() -> bool:  # a checkpoint folder is complete once its state.json is there
+        return any((tmp_path / "work" / "ray_train").rglob("checkpoint_*/state.json"))
+
+    with kill_worker("RayTrainWorker", after_s=0.0, when=checkpointed) as killed:
+        summary = train_cnn_fold(studies, 0, cfg, work, key=key, normalization=DEFAULT_NORMALIZATION.to_dict())
+    assert killed, "the train worker was never found to kill"
     history = summary["history"]
-    assert [h["epoch"] for h in history] == [0, 1]
-    assert history[0]["resumed_from_epoch"] is None and history[1]["resumed_from_epoch"] == 0
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[0]["resumed_from_epoch"] is None
+    resumed = [h["resumed_from_epoch"] for h in history[1:] if h["resumed_from_epoch"] is not None]
+    assert resumed and all(r == resumed[0] for r in resumed), history  # resumed once, from one checkpoint
     assert os.path.exists(summary["weights_uri"])
     # The cache holds each study's slices in z order at the training size.
     first = studies[0]
@@ -166,7 +173,7 @@ def test_cnn_fold_and_oof_embeddings_on_s3(ray_session, tiny_set, s3_bucket, tmp
     from ichd_ray.io import storage
     from ichd_ray.training.embed import embed_fold
     from ichd_ray.training.cnn import train_cnn_fold
-    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.keys import training_keys
     from ichd_ray.training.data import build_cache, prepare_training_set
     from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 

@@ -10,25 +10,10 @@ import pytest
 from ichd_ray import CLASSES
 from ichd_ray.training.augment import AugmentConfig
 from ichd_ray.config.job import ConfigError
-from ichd_ray.config.train import PRESETS, load_train_config
-from ichd_ray.training.data import load_cached_studies, sample_slices
+from ichd_ray.config.recipes import load_recipe
+from ichd_ray.config.train import load_train_config
+from ichd_ray.training.data import held_out_batches, sample_slices
 from ichd_ray.training.sequence import _window, pad_studies
-
-
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_validate(preset):
-    cfg = load_train_config(preset)
-    assert cfg.data.folds >= 2 and cfg.cnn.epochs >= 1
-    # the hash is the hash of the resolved config's sorted JSON: stable across loads, moved by any field
-    assert cfg.sha256() == hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
-    assert load_train_config(preset).sha256() == cfg.sha256()
-    assert load_train_config(preset, overrides={"cnn": {"lr": cfg.cnn.lr * 2}}).sha256() != cfg.sha256()
-
-
-def test_rsna_preset_is_the_seed_recipe():
-    cfg = load_train_config("rsna")
-    assert (cfg.cnn.backbone, cfg.data.input_size, cfg.data.folds, cfg.cnn.use_gpu) == ("densenet121", 512, 5, True)
-    assert (cfg.sequence.rnn, cfg.sequence.window) == ("gru", 24)
 
 
 def test_yaml_overrides_and_errors_name_the_field(tmp_path):
@@ -37,7 +22,7 @@ def test_yaml_overrides_and_errors_name_the_field(tmp_path):
     cfg = load_train_config("demo", str(path), {"data": {"folds": 4}})
     assert (cfg.cnn.epochs, cfg.data.folds, cfg.sequence.proj_dims) == (7, 4, (64, 32))
     assert cfg.cnn.augment == AugmentConfig(hflip_p=0.0)  # resolved: the rest are the defaults
-    assert cfg.cnn.backbone == PRESETS["demo"]["cnn"]["backbone"]  # the rest of the preset stays
+    assert cfg.cnn.backbone == load_recipe("demo").sections()["cnn"]["backbone"]  # the rest of the recipe stays
     for text, field in [
         ("cnn:\n  epochs: 0\n", "cnn.epochs"),
         ("cnn:\n  backbone: not_a_net\n", "cnn.backbone"),
@@ -49,7 +34,7 @@ def test_yaml_overrides_and_errors_name_the_field(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             load_train_config("demo", str(path))
-    with pytest.raises(ConfigError, match="preset"):
+    with pytest.raises(ConfigError, match="recipe: expected one of"):
         load_train_config("huge")
 
 
@@ -112,7 +97,7 @@ def test_sampler_draws_depend_on_seed_and_id_only(tmp_path):
 def test_training_keys_follow_the_fields_each_stage_reads():
     """A field changes the key of the stage that reads it and of every stage downstream, nothing
     upstream; resource fields change no key."""
-    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.keys import training_keys
 
     def keys(overrides=None):
         k = training_keys(load_train_config("demo", None, overrides), manifest_sha256="m" * 64, folds_sha256="f" * 64)
@@ -142,7 +127,7 @@ def test_the_cache_is_built_under_the_planned_key():
     """build_cache names its folder with the key the plan (and the bundle's provenance) records."""
     import pandas as pd
 
-    from ichd_ray.config.train import training_keys
+    from ichd_ray.training.keys import training_keys
     from ichd_ray.training.data import TrainingSet, cache_key
     from ichd_ray.dicom.windowing import DEFAULT_WINDOWS
 
@@ -178,12 +163,15 @@ def test_sequence_shares_follow_study_order_not_arrival():
     assert _shares(rows, 1, equal=True) == [0] * 5
 
 
-def test_load_cached_studies_keeps_slice_order(tmp_path):
-    uris, labels = _write_cache(tmp_path, [2, 3])
-    batch = {"cache_uri": np.array(uris), "n": np.array([2, 3]), "labels": [labels[:2].reshape(-1), labels[2:].reshape(-1)]}
-    out = load_cached_studies(batch, size=8, storage_config=None)
-    assert out["image"][:, 0, 0, 0].tolist() == [0, 1, 10, 11, 12]
-    np.testing.assert_array_equal(out["label"], labels)
+def test_held_out_batches_keep_study_and_slice_order_in_whole_studies(tmp_path):
+    uris, labels = _write_cache(tmp_path, [2, 3, 4])
+    studies = [{"cache_uri": u, "n": n, "labels": labels[a:a + n].tolist()} for u, n, a in zip(uris, [2, 3, 4], [0, 2, 5])]
+    batches = list(held_out_batches(studies, size=8, storage_config=None, max_slices=5))
+    assert [b["image"][:, 0, 0, 0].tolist() for b in batches] == [[0, 1, 10, 11, 12], [20, 21, 22, 23]]
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels)
+    # a study longer than the limit is one batch of its own, never split
+    assert [len(b["image"]) for b in held_out_batches(studies, size=8, storage_config=None, max_slices=1)] == [2, 3, 4]
+    assert list(held_out_batches([], size=8, storage_config=None)) == []
 
 
 def test_sequence_batches_pad_and_window():

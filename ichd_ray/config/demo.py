@@ -27,6 +27,6 @@ class DemoConfig(Section):
     studies: int = Field(60, ge=1, description="synthetic studies")
     slices: int = Field(24, ge=1, description="nominal slices per study")
     dicom_size: int = Field(256, ge=16, description="synthetic image side (pixels)")
-    config: str | None = Field(None, description="training YAML overriding the demo preset")
+    config: str | None = Field(None, description="training YAML overriding the demo recipe")
     seed: int = Field(0, description="synthetic set seed")
     workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, description="synthesis processes")

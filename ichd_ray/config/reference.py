@@ -71,7 +71,7 @@ def markdown_reference() -> str:
            "Generated from the pydantic models in `ichd_ray/config/` by `python -m ichd_ray.config.reference`;",
            "`tests/test_config.py` fails when this file and the models differ. Types are strict: `\"2\"` is not",
            "an integer and `1` is not `true`; an unknown field is an error naming the fields allowed.",
-           "Training defaults below are the models' own; a preset (`--preset demo|rsna`) overrides many of them.", ""]
+           "Training defaults below are the models' own; a recipe (`--recipe demo|rsna1st`, `ichd-ray recipes`) overrides many of them.", ""]
     for title, model in CONFIGS.items():
         out += [f"## {title}", "", "| field | default | allowed | meaning |", "|---|---|---|---|", *_rows(model, ""), ""]
     return "\n".join(out)

@@ -57,6 +57,7 @@ __all__ = [
     "list_files",
     "delete_prefix",
     "join",
+    "absolute",
     "StorageUnavailable",
     "S3_MAX_ATTEMPTS",
     "retry_count",
@@ -318,6 +319,14 @@ def join(uri: UriLike, *parts: str) -> str:
             continue
         out = out + part if out.endswith("/") else f"{out}/{part}"
     return out
+
+
+def absolute(uri: UriLike) -> str:
+    """The URI with a local path made absolute, in the form it was written (plain or ``file://``): what a
+    process in another working directory (a Ray Train worker runs in its run's folder) can open. S3 URIs
+    are returned as they are."""
+    scheme, path = parse_uri(uri)
+    return _local_uri(path, _local_style(uri)) if scheme == "file" else os.fspath(uri)
 
 
 def _split_s3(path: str) -> tuple[str, str]:

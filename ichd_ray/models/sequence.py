@@ -31,6 +31,7 @@ __all__ = [
     "SequenceConfig",
     "SequenceModel",
     "masked_bce",
+    "sequence_config",
 ]
 
 #: Slice spacing is divided by this (a typical head-CT slice thickness) so the feature is O(1).
@@ -93,6 +94,12 @@ class SequenceConfig:
         if isinstance(values.get("proj_dims"), list):
             values["proj_dims"] = tuple(values["proj_dims"])
         return cls(**values)
+
+
+def sequence_config(section) -> SequenceConfig:
+    """The model hyper-parameters of a training config's ``sequence`` section
+    (:class:`ichd_ray.config.train.SequenceSection`; the config layer sits below the models)."""
+    return SequenceConfig(tuple(section.proj_dims), section.hidden, section.num_layers, section.rnn, section.dropout)
 
 
 class SequenceModel(nn.Module):

@@ -8,7 +8,7 @@ One night, under a lease on ``OUT/_lease.json`` (another run on the same OUT exi
     --series rule over the whole index--> per study a fingerprint of its live objects
     --plan--> a study is scored when it is new, its fingerprint changed since its last committed score,
               the model version differs from the one that scored it, or --full
-    --score_job on the planned studies--> slices / studies / errors + index + scored, one commit
+    --ScoringRun on the planned studies--> slices / studies / errors + index + scored, one commit
 
 The run id is ``nightly-<UTC date>-<model version>`` (``--run-id`` overrides it). The first attempt of a
 run id stores its plan and index snapshot under ``OUT/plans/run_id=<id>/``; a re-run of the same id
@@ -32,7 +32,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ichd_ray.config.job import JobConfig
 from ichd_ray.io import storage
+from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
+from ichd_ray.io.results import connect
+from ichd_ray.models.bundle import load_bundle_config
+from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, select_series, write_manifest
+from ichd_ray.pipeline.score import ScoringRun
 
 __all__ = [
     "INDEX_SCHEMA",
@@ -53,8 +59,6 @@ EXIT_LEASE_HELD = 75
 
 
 def _index_schema() -> pa.Schema:
-    from ichd_ray.pipeline.index import MANIFEST_SCHEMA
-
     return pa.schema(list(MANIFEST_SCHEMA) + [("deleted", pa.bool_()), ("run_id", pa.string())])
 
 
@@ -209,8 +213,6 @@ def _write_parquet(df: pd.DataFrame | pa.Table, uri: str, storage_config, schema
 
 def _committed(out_uri: str, storage_config) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict | None]:
     """(last committed index, latest committed scored row per study, newest committed run) from OUT."""
-    from ichd_ray.io.results import connect
-
     if not storage.list_files(storage.join(out_uri, "runs"), config=storage_config):
         return None, None, None
     con = connect(out_uri, storage_config)
@@ -237,9 +239,6 @@ def make_plan(
     now: dt.datetime | None = None,
 ) -> NightlyPlan:
     """Index the archive incrementally and decide what to score (writes nothing)."""
-    from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, select_series
-    from ichd_ray.models.bundle import load_bundle_config
-
     bundle_config, _ = load_bundle_config(bundle_uri, storage_config)
     model_version = bundle_config.version_id
     run_id = run_id or nightly_run_id(model_version, now)
@@ -324,11 +323,6 @@ def nightly(
     holds OUT's lease; a dry run takes no lease and writes nothing. The lease is a heartbeat: ``lease_ttl``
     (None: :data:`ichd_ray.io.lease.DEFAULT_TTL`, 5 min) renewed every third of it, so a killed run's lease
     lapses within ``lease_ttl``, or at once for a re-run on the same host."""
-    from ichd_ray.config.job import JobConfig
-    from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
-    from ichd_ray.pipeline.index import MANIFEST_SCHEMA, write_manifest
-    from ichd_ray.pipeline.score import score_job
-
     job = job or JobConfig()
     sc = storage_config or job.storage.storage_config()
     started = time.perf_counter()
@@ -357,17 +351,14 @@ def nightly(
         manifest_uri = storage.join(plan_prefix, "manifest.parquet")
         write_manifest(rows[MANIFEST_SCHEMA.names], manifest_uri, sc)
         scored = plan.plan.assign(run_id=plan.run_id, model_version=plan.model_version)[SCORED_TABLE_SCHEMA.names]
-        summary = score_job(
-            None, bundle_uri, out_uri, job=job, run_id=plan.run_id, manifest_uri=manifest_uri, progress=progress,
-            storage_config=sc,
-            extra_tables=lambda done: {
-                "index": pa.Table.from_pandas(plan.index.assign(run_id=plan.run_id)[INDEX_SCHEMA.names], schema=INDEX_SCHEMA, preserve_index=False),
-                # Only studies that got a prediction count as scored: a failed one stays due.
-                "scored": pa.Table.from_pandas(scored[scored["study_uid"].isin(done)], schema=SCORED_TABLE_SCHEMA, preserve_index=False),
-            },
-            max_reject_fraction=max_reject_fraction,
-            storage_retries=plan.storage_retries,
-            kind="nightly",
-            before_commit=keeper.check,
-        )
+        run = ScoringRun(bundle_uri, out_uri, job=job, run_id=plan.run_id, progress=progress, storage_config=sc,
+                         max_reject_fraction=max_reject_fraction, kind="nightly", storage_retries=plan.storage_retries)
+        done = run.score(read_manifest(manifest_uri, sc))
+        run.write_table("index", pa.Table.from_pandas(plan.index.assign(run_id=plan.run_id)[INDEX_SCHEMA.names],
+                                                      schema=INDEX_SCHEMA, preserve_index=False))
+        # Only studies that got a prediction count as scored: a failed one stays due.
+        run.write_table("scored", pa.Table.from_pandas(scored[scored["study_uid"].isin(done.study_uids)],
+                                                       schema=SCORED_TABLE_SCHEMA, preserve_index=False))
+        keeper.check()  # a lost lease stops the run uncommitted: another run owns OUT now
+        summary = run.commit()
     return NightlyResult(plan, summary, time.perf_counter() - started)

@@ -1,9 +1,11 @@
-"""The scoring job on Ray Data: manifest -> study rows -> CPU decode -> model actors -> Parquet.
+"""The scoring run on Ray Data: manifest -> study rows -> CPU decode -> model actors -> Parquet -> commit.
 
-Data flow (one row = one study, pixels never shuffled)::
+:class:`ScoringRun` is the one implementation; ``score_job`` (``ichd-ray score``), the nightly job and
+the out-of-fold embeddings compose it. Data flow (one row = one study, pixels never shuffled)::
 
     manifest (headers only) --study_table--> from_items (uris, positions in z order)
       --map_batches(decode_studies, CPU tasks, studies_per_task)-->   uint8 [T, 3, S, S] per study
+                                                 (ichd_ray.pipeline.decode)
       --map_batches(StudyScoringActor, fixed actor pool)-->           CNN over every slice (chunked),
                                                                       sequence model while embeddings
                                                                       are on the device, fold average
@@ -28,12 +30,19 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
+import ray.data
+import ray.exceptions
+import torch
+from ray.data import ActorPoolStrategy
 
 from ichd_ray import CLASSES, __version__
-
+from ichd_ray.config.job import ConfigError, JobConfig
 from ichd_ray.io import storage
-from ichd_ray.config.job import JobConfig
-from ichd_ray.dicom.read import DicomError
+from ichd_ray.models.bundle import load_bundle, load_bundle_config
+from ichd_ray.models.inference import StudyInput, StudyScorer
+from ichd_ray.pipeline.index import build_manifest, read_manifest, study_table
+from ichd_ray.pipeline.decode import DECODE_BASE_MEMORY, STUDY_FIELDS, decode_memory, decode_studies
 from ichd_ray.reasons import FAULT, count_outcomes, reason_class
 from ichd_ray.io.tables import (
     EMBEDDINGS_SCHEMA,
@@ -47,26 +56,12 @@ from ichd_ray.io.tables import (
     write_table,
 )
 
-__all__ = ["RunSummary", "decode_studies", "StudyScoringActor", "score_job", "default_run_id"]
+__all__ = ["RunSummary", "ScoredStudies", "ScoringRun", "StudyScoringActor", "score_job", "default_run_id", "decode_studies"]
 
-# What travels with a study through both stages: slices in z order, minus any that failed.
-_STUDY_FIELDS = [
-    ("study_uid", pa.string()),
-    ("series_uid", pa.string()),
-    ("uris", pa.list_(pa.string())),
-    ("sop_uids", pa.list_(pa.string())),
-    ("positions", pa.list_(pa.float64())),
-    ("slice_indices", pa.list_(pa.int32())),
-]
-#: Batch a decode task hands to the scoring actors: one row per study, its pixels in ``images``.
-DECODED_SCHEMA = pa.schema(
-    _STUDY_FIELDS
-    + [("n_images", pa.int32()), ("images", pa.large_binary()), ("failures", pa.string()), ("storage_retries", pa.int64())]
-)
 #: Batch :class:`StudyScoringActor` returns: one row per study (the probabilities the table builders
 #: turn into ``slices`` / ``studies`` / ``embeddings`` rows). Not a committed table's schema.
 ACTOR_OUTPUT_SCHEMA = pa.schema(
-    _STUDY_FIELDS
+    STUDY_FIELDS
     + [
         ("slice_probs", pa.list_(pa.float32())),  # n x 6, row-major
         ("study_probs", pa.list_(pa.float32())),
@@ -79,76 +74,9 @@ ACTOR_OUTPUT_SCHEMA = pa.schema(
 )
 
 
-#: Memory a decode task needs beside its pixel buffer: pydicom's parse and one full-size decoded slice
-#: (measured peak 127-155 MiB per task with 256-512 px DICOMs; Ray Data warned at the bare buffer size).
-DECODE_BASE_MEMORY = 192 * 1024 * 1024
-
-
 def default_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"score-{now:%Y%m%dT%H%M%SZ}"
-
-
-# ----------------------------------------------------------------------------- CPU decode stage
-
-
-def decode_studies(
-    batch: pa.Table, *, size: int, windows: list[dict], rsna_fix: bool, storage_config: dict | None
-) -> pa.Table:
-    """Read + decode + window every slice of each study to uint8 [T, 3, size, size], preprocessed as
-    the bundle says (``rsna_fix``; the area resize is the only resize there is).
-
-    A slice that cannot be read or decoded is left out of its study and reported in ``failures``
-    (JSON list of {uri, stage, reason, message}); the rest of the study goes on.
-    """
-    from ichd_ray.dicom.preprocess import preprocess_slice
-    from ichd_ray.dicom.windowing import windows_from_config
-
-    specs = windows_from_config(windows)
-    config = storage.StorageConfig.on_worker(storage_config)
-    rows = batch.to_pylist()
-    # One buffer for every slice of the batch, filled in place and handed to Arrow without a copy
-    # (stacking, .tobytes() and from_pydict each copied every study's pixels: ~24% of a core).
-    slice_bytes = len(specs) * size * size
-    pixels = np.empty((sum(len(r["uris"]) for r in rows), len(specs), size, size), dtype=np.uint8)
-    offsets = [0]
-    filled = 0
-    retries_before = storage.retry_count()
-    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names if name != "images"}
-    for row in rows:
-        keep, failures = [], []
-        for i, uri in enumerate(row["uris"]):
-            try:
-                data = storage.read_bytes(uri, config)
-                preprocess_slice(data, size, windows=specs, name=uri, rsna_fix=rsna_fix, out=pixels[filled])
-                filled += 1
-                keep.append(i)
-            except DicomError as exc:
-                failures.append({"uri": uri, "stage": "decode", "reason": exc.reason, "message": exc.message})
-            except storage.StorageUnavailable:
-                raise  # the store, not this object: stop the run uncommitted rather than reject good slices
-            except OSError as exc:
-                failures.append({"uri": uri, "stage": "read", "reason": "read_error", "message": f"{type(exc).__name__}: {exc}"})
-            except Exception as exc:  # a decoder bug must not take the study down
-                failures.append({"uri": uri, "stage": "decode", "reason": "decode_error", "message": f"{type(exc).__name__}: {exc}"})
-        offsets.append(filled * slice_bytes)
-        out["study_uid"].append(row["study_uid"])
-        out["series_uid"].append(row["series_uid"])
-        for key in ("uris", "sop_uids", "positions", "slice_indices"):
-            out[key].append([row[key][i] for i in keep])
-        out["n_images"].append(len(keep))
-        out["failures"].append(json.dumps(failures))
-        out["storage_retries"].append(0)
-    if rows:
-        out["storage_retries"][0] = storage.retry_count() - retries_before
-    images = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(),
-        len(rows),
-        [None, pa.py_buffer(np.asarray(offsets, dtype=np.int64)), pa.py_buffer(pixels[:filled].reshape(-1))],
-    )
-    columns = {name: pa.array(values, type=DECODED_SCHEMA.field(name).type) for name, values in out.items()}
-    columns["images"] = images
-    return pa.Table.from_pydict({name: columns[name] for name in DECODED_SCHEMA.names}, schema=DECODED_SCHEMA)
 
 
 # ---------------------------------------------------------------------------- model actor stage
@@ -177,11 +105,6 @@ class StudyScoringActor:
         channels: int,
         write_embeddings: bool = False,
     ) -> None:
-        import torch
-
-        from ichd_ray.models.bundle import load_bundle
-        from ichd_ray.models.inference import StudyScorer
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         config = storage.StorageConfig.on_worker(storage_config)
@@ -193,8 +116,6 @@ class StudyScoringActor:
         self.write_embeddings = write_embeddings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ichd_ray.models.inference import StudyInput
-
         rows = batch.drop_columns(["images"]).to_pylist()
         images = batch.column("images")  # read in place: to_pylist would copy every study's pixels
         inputs = {
@@ -359,6 +280,228 @@ class RunSummary:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ScoredStudies:
+    """What :meth:`ScoringRun.score` wrote under the attempt (nothing is committed yet)."""
+
+    n_inputs: int
+    n_slices: int
+    n_studies: int
+    study_uids: set[str]  # studies that got a prediction (a failed one is not here: it stays due)
+
+
+class ScoringRun:
+    """One scoring run: plan -> decode -> model -> tables -> commit, with the failure policy.
+
+    ``score_job`` is ``ScoringRun(...).score(manifest)`` then ``.commit()``; the nightly job composes the
+    same object: it scores its planned manifest, writes its own tables under the same attempt
+    (:meth:`write_table`), checks its lease, and commits. Nothing is visible to readers before
+    :meth:`commit`; an exception anywhere leaves the attempt's files invisible (the next run removes them).
+    Ray must already be initialised.
+
+    Args:
+        bundle_uri: model bundle.
+        out_uri: output prefix (tables and the runs object).
+        job: validated job config (defaults otherwise).
+        run_id: default ``score-<UTC timestamp>``; re-using one replaces that run's output.
+        progress: Ray Data progress bars.
+        storage_config: the driver's storage settings (default: ``job.storage`` + environment);
+            workers get them without credentials and use their own environment's.
+        max_reject_fraction: the run is ``failed`` when more than this fraction of its inputs are faults.
+        kind: what made the run, recorded in its runs row (``score``, ``nightly``).
+        storage_retries: S3 retries already spent for this run before it started (nightly's listing).
+    """
+
+    def __init__(
+        self,
+        bundle_uri: str,
+        out_uri: str,
+        *,
+        job: JobConfig | None = None,
+        run_id: str | None = None,
+        progress: bool = False,
+        storage_config: storage.StorageConfig | None = None,
+        max_reject_fraction: float | None = None,
+        kind: str = "score",
+        storage_retries: int = 0,
+    ) -> None:
+        self.job = job or JobConfig()
+        self.storage_config = storage_config or self.job.storage.storage_config()
+        self.bundle_uri, self.out_uri, self.progress, self.kind = bundle_uri, out_uri, progress, kind
+        self.max_reject_fraction = max_reject_fraction
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self._clock = time.perf_counter()
+        self.run_id = run_id or default_run_id(self.started)
+        self.attempt = new_attempt_id(self.started)
+        self._retries_before = storage.retry_count()  # this process's; workers report theirs
+        self.storage_retries = storage_retries
+        self.bundle_config, self.bundle_sha256 = load_bundle_config(bundle_uri, storage_config=self.storage_config)
+        self.errors: list[dict] = []
+        self.scored: ScoredStudies | None = None
+        _check_cluster_fits(self.job, DECODE_BASE_MEMORY)  # before any work: a pool that cannot fit would hang
+        self._data_context()  # before the manifest is built: indexing runs on Ray Data too
+
+    def score(self, manifest) -> ScoredStudies:
+        """Decode and score every selected study of ``manifest``; write slices, studies (and embeddings)
+        under the attempt; record the manifest's rejects and every failed slice as errors."""
+        if self.scored is not None:
+            raise RuntimeError("a ScoringRun scores one manifest")
+        self.storage_retries += int(manifest.attrs.get("storage_retries", 0))
+        self.errors += [
+            {"run_id": self.run_id, "uri": r.uri, "stage": "index", "reason": r.reason, "message": r.message or ""}
+            for r in manifest[manifest["reason"].notna()].itertuples()
+        ]
+        studies = study_table(manifest)
+        counts = {"slices": 0, "studies": 0}
+        uids: set[str] = set()
+        if studies:
+            scored = _materialize(self._model_stage(self._decode_stage(studies)))
+            for row in scored.select_columns(["failures", "storage_retries"]).take_all():
+                self.errors += [{"run_id": self.run_id, **f} for f in json.loads(row["failures"])]
+                self.storage_retries += row["storage_retries"]
+            for table, fn, kwargs in self._tables():
+                counts[table] = self._write_parts(scored, table, fn, kwargs)
+            if counts["studies"]:
+                uids = set(ds_studies_uids(scored))
+        sc = self.storage_config
+        for table, schema in (("slices", SLICES_SCHEMA), ("studies", STUDIES_SCHEMA)):
+            if not counts[table]:  # every table of a committed run exists, empty or not
+                write_table(schema.empty_table(), self.out_uri, table, self.run_id, self.attempt, storage_config=sc)
+        write_table(pa.Table.from_pylist(self.errors, schema=ERRORS_SCHEMA), self.out_uri, "errors", self.run_id, self.attempt, storage_config=sc)
+        self.scored = ScoredStudies(len(manifest), counts["slices"], counts["studies"], uids)
+        return self.scored
+
+    def write_table(self, table: str, rows: pa.Table) -> None:
+        """Another table of this run (nightly's ``index`` and ``scored``), committed with it."""
+        write_table(rows, self.out_uri, table, self.run_id, self.attempt, storage_config=self.storage_config)
+
+    def commit(self) -> RunSummary:
+        """Judge the run (:func:`run_problems`), write its runs row (the commit) and remove other attempts."""
+        if self.scored is None:
+            raise RuntimeError("commit() before score()")
+        n_inputs, n_slices, n_studies = self.scored.n_inputs, self.scored.n_slices, self.scored.n_studies
+        seconds = time.perf_counter() - self._clock
+        storage_retries = self.storage_retries + storage.retry_count() - self._retries_before
+        errors = self.errors
+        outcomes = count_outcomes(e["reason"] for e in errors)
+        problems = run_problems(n_inputs, n_slices, errors, self.max_reject_fraction)
+        status = "failed" if problems else "succeeded"
+        run_row = {
+            "run_id": self.run_id,
+            "attempt": self.attempt,
+            "model_version": self.bundle_config.version_id,
+            "bundle_uri": self.bundle_uri,
+            "bundle_sha256": self.bundle_sha256,
+            "code_version": __version__,
+            "config_sha256": self.job.sha256(),
+            "config_json": json.dumps(self.job.to_dict(), sort_keys=True),
+            "started_at": self.started,
+            "finished_at": dt.datetime.now(dt.timezone.utc),
+            "status": status,
+            "n_inputs": n_inputs,
+            "n_slices_scored": n_slices,
+            "n_rejected": len(errors),
+            "n_faults": outcomes["fault"],
+            "n_selected_out": outcomes["selection"],
+            "n_skipped": outcomes["skip"],
+            "n_studies": n_studies,
+            "n_storage_retries": storage_retries,
+            "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
+            "kind": self.kind,
+            "problems": json.dumps(problems),
+        }
+        run_uri = commit_run(self.out_uri, run_row, self.storage_config)
+        remove_other_attempts(self.out_uri, self.run_id, keep=self.attempt, storage_config=self.storage_config)
+        return RunSummary(
+            self.run_id, self.attempt, status, n_inputs, n_slices, len(errors), n_studies, seconds,
+            run_row["slices_per_s"], dict(Counter(e["reason"] for e in errors)), storage_retries, outcomes,
+            self.out_uri, run_uri, problems,
+        )
+
+    # -- the stages
+
+    def _decode_stage(self, studies: list[dict]):
+        cfg, bc = self.job.score, self.bundle_config
+        size, windows = int(bc.input_size), [w.to_dict() for w in bc.windows]
+        memory = decode_memory(cfg.studies_per_task, max(len(s["uris"]) for s in studies), len(windows), size)
+        _check_cluster_fits(self.job, memory)  # now that the longest study is known
+        ds = ray.data.from_items(studies, override_num_blocks=max(1, math.ceil(len(studies) / cfg.studies_per_task)))
+        return ds.map_batches(
+            decode_studies,
+            batch_size=cfg.studies_per_task,
+            batch_format="pyarrow",
+            fn_kwargs={"size": size, "windows": windows, "rsna_fix": bool(bc.preprocessing["rsna_fix"]),
+                       "storage_config": self.storage_config.for_workers()},
+            num_cpus=cfg.cpus_per_decode_task,
+            # Its real peak (the batch's pixel buffer and the block Ray copies from it). Asking for it
+            # also keeps Ray Data from fusing decode into the model actor when both ask for the same
+            # CPUs: fused, decode ran inside the actor and the model waited for it (BENCHMARKS.md).
+            memory=memory,
+        )
+
+    def _model_stage(self, ds):
+        cfg, bc = self.job.score, self.bundle_config
+        return ds.map_batches(
+            StudyScoringActor,
+            batch_size=cfg.studies_per_batch,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={
+                "bundle_uri": self.bundle_uri,
+                "storage_config": self.storage_config.for_workers(),
+                "device": cfg.device,
+                "cnn_chunk": cfg.cnn_chunk,
+                "input_size": int(bc.input_size),
+                "channels": len(bc.windows),
+                "write_embeddings": cfg.write_embeddings,
+            },
+            compute=ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.num_gpus_per_actor,
+        )  # Ray Data restarts a dead actor and retries its batch: same inputs, same outputs
+
+    def _tables(self) -> list[tuple[str, Callable[..., pa.Table], dict[str, Any]]]:
+        version = self.bundle_config.version_id
+        thresholds = [self.bundle_config.thresholds[c] for c in CLASSES]  # one per class: BundleConfig validates
+        tables = [
+            ("slices", slices_rows, {"run_id": self.run_id, "model_version": version}),
+            ("studies", studies_rows, {"run_id": self.run_id, "model_version": version, "thresholds": thresholds}),
+        ]
+        if self.job.score.write_embeddings:
+            tables.append(("embeddings", embeddings_rows, {"run_id": self.run_id, "model_version": version}))
+        return tables
+
+    def _write_parts(self, scored, table: str, build: Callable[..., pa.Table], build_kwargs: dict[str, Any]) -> int:
+        """One part file per block of scored studies (Ray tasks); returns the rows written."""
+        written = _materialize(
+            scored.map_batches(
+                write_part,
+                batch_format="pyarrow",
+                batch_size=None,
+                num_cpus=0.25,
+                fn_kwargs={
+                    "build": build, "build_kwargs": build_kwargs, "out_uri": self.out_uri, "table": table,
+                    "run_id": self.run_id, "attempt": self.attempt, "storage_config": self.storage_config.for_workers(),
+                },
+            )
+        ).to_arrow_refs()
+        parts = pa.concat_tables(ray.get(written))
+        self.storage_retries += int(pc.sum(parts["storage_retries"]).as_py() or 0)
+        return int(pc.sum(parts["rows"]).as_py() or 0)
+
+    def _data_context(self) -> None:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = self.progress
+        # The actor pool is fixed and holds its CPUs from the start; the reservation only held the decode
+        # tasks to ~1 at a time on small clusters (bench/score.py: 36% -> 66% of the ideal when off).
+        ctx.op_resource_reservation_enabled = self.job.score.reserve_operator_resources
+        ctx.print_on_execution_start = self.progress
+        # A task's own exception (StorageUnavailable, PermissionError) reaches the driver as itself, so the
+        # run can say what failed instead of "UDF failed to process a data block".
+        ctx.raise_original_map_exception = True
+        if not self.progress:  # quiet runs (tests, demo): no per-dataset INFO lines either
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def score_job(
     input_uri: str | None,
     bundle_uri: str,
@@ -369,204 +512,26 @@ def score_job(
     manifest_uri: str | None = None,
     progress: bool = False,
     storage_config: storage.StorageConfig | None = None,
-    extra_tables: Callable[[set[str]], dict[str, pa.Table]] | None = None,
     max_reject_fraction: float | None = None,
-    kind: str = "score",
-    before_commit: Callable[[], None] | None = None,
-    storage_retries: int = 0,
 ) -> RunSummary:
     """Score every study under ``input_uri`` (or in ``manifest_uri``) with the bundle; commit a run.
 
-    Ray must already be initialised (the CLI and ``jobs/score.py`` do it).
-
-    Args:
-        input_uri: prefix to list, or a ``.txt``/``.parquet`` list of URIs.
-        bundle_uri: model bundle.
-        out_uri: output prefix (tables and the runs object).
-        job: validated job config (defaults otherwise).
-        run_id: default ``score-<UTC timestamp>``; re-using one replaces that run's output.
-        manifest_uri: a manifest from ``ichd-ray index`` instead of indexing ``input_uri``.
-        progress: Ray Data progress bars.
-        storage_config: the driver's storage settings (default: ``job.storage`` + environment);
-            workers get them without credentials and use their own environment's.
-        extra_tables: called with the study UIDs that were scored; returns more tables
-            (``{name: table}``) to write under this attempt, committed with the run (the nightly job's
-            ``index`` and ``scored``).
-        max_reject_fraction: the run is ``failed`` when more than this fraction of its inputs is rejected.
-        kind: recorded in the runs row (``score``, ``nightly``).
-        before_commit: called just before the commit; raising stops the run uncommitted (a lost lease).
-        storage_retries: S3 retries already spent for this run before the call (nightly's index).
+    Ray must already be initialised (the CLI and ``jobs/score.py`` do it). Arguments as for
+    :class:`ScoringRun`, plus ``input_uri`` (a prefix to list, or a ``.txt``/``.parquet`` list of URIs)
+    or ``manifest_uri`` (a manifest from ``ichd-ray index``).
 
     Raises:
         ichd_ray.io.storage.StorageUnavailable: S3 kept failing past its bounded retries; nothing is
             committed (the attempt's partial files stay invisible and the next run removes them).
     """
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
-    from ichd_ray.pipeline.index import build_manifest, read_manifest, study_table
-    from ichd_ray.models.bundle import load_bundle_config
-
-    job = job or JobConfig()
-    sc = storage_config or job.storage.storage_config()
-    sc_dict = sc.for_workers()
-    started = dt.datetime.now(dt.timezone.utc)
-    clock = time.perf_counter()
-    run_id = run_id or default_run_id(started)
-    attempt = new_attempt_id(started)
-
-    retries_before = storage.retry_count()  # this process's; workers report theirs
-    bundle_config, bundle_sha256 = load_bundle_config(bundle_uri, storage_config=sc)
-    size = int(bundle_config.input_size)
-    windows = [w.to_dict() for w in bundle_config.windows]
-    rsna_fix = bool(bundle_config.preprocessing["rsna_fix"])  # validated when the bundle was read
-    model_version = bundle_config.version_id
-    thresholds = [bundle_config.thresholds[c] for c in CLASSES]  # one per class: BundleConfig validates
-
-    _check_cluster_fits(job, DECODE_BASE_MEMORY)  # before any work: a pool that cannot fit would hang
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    # The actor pool is fixed and holds its CPUs from the start; the reservation only held the decode
-    # tasks to ~1 at a time on small clusters (bench/score.py: 36% -> 66% of the ideal when off).
-    ctx.op_resource_reservation_enabled = job.score.reserve_operator_resources
-    ctx.print_on_execution_start = progress
-    # A task's own exception (StorageUnavailable, PermissionError) reaches the driver as itself, so the
-    # run can say what failed instead of "UDF failed to process a data block".
-    ctx.raise_original_map_exception = True
-    if not progress:  # quiet runs (tests, demo): no per-dataset INFO lines either
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-    if manifest_uri:
-        manifest = read_manifest(manifest_uri, sc)
-    elif input_uri:
-        manifest = build_manifest(input_uri, job.index, sc)
-    else:
+    if not (input_uri or manifest_uri):
         raise ValueError("score_job needs input_uri or manifest_uri")
-    n_inputs = len(manifest)
-    storage_retries += int(manifest.attrs.get("storage_retries", 0))
-    errors = [
-        {"run_id": run_id, "uri": r.uri, "stage": "index", "reason": r.reason, "message": r.message or ""}
-        for r in manifest[manifest["reason"].notna()].itertuples()
-    ]
-    studies = study_table(manifest)
-
-    n_slices = n_studies = 0
-    if studies:
-        cfg = job.score
-        decode_memory = DECODE_BASE_MEMORY + 2 * cfg.studies_per_task * max(len(s["uris"]) for s in studies) * len(windows) * size * size
-        _check_cluster_fits(job, decode_memory)  # now that the longest study is known
-        n_blocks = max(1, math.ceil(len(studies) / cfg.studies_per_task))
-        ds = ray.data.from_items(studies, override_num_blocks=n_blocks)
-        ds = ds.map_batches(
-            decode_studies,
-            batch_size=cfg.studies_per_task,
-            batch_format="pyarrow",
-            fn_kwargs={"size": size, "windows": windows, "rsna_fix": rsna_fix, "storage_config": sc_dict},
-            num_cpus=cfg.cpus_per_decode_task,
-            # Its real peak (the batch's pixel buffer and the block Ray copies from it). Asking for it
-            # also keeps Ray Data from fusing decode into the model actor when both ask for the same
-            # CPUs: fused, decode ran inside the actor and the model waited for it (BENCHMARKS.md).
-            memory=decode_memory,
-        )
-        ds = ds.map_batches(
-            StudyScoringActor,
-            batch_size=cfg.studies_per_batch,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={
-                "bundle_uri": bundle_uri,
-                "storage_config": sc_dict,
-                "device": cfg.device,
-                "cnn_chunk": cfg.cnn_chunk,
-                "input_size": size,
-                "channels": len(windows),
-                "write_embeddings": cfg.write_embeddings,
-            },
-            compute=ActorPoolStrategy(size=cfg.num_actors),
-            num_cpus=cfg.cpus_per_actor,
-            num_gpus=cfg.num_gpus_per_actor,
-        )  # Ray Data restarts a dead actor and retries its batch: same inputs, same outputs
-        scored = _materialize(ds)
-        for row in scored.select_columns(["failures", "storage_retries"]).take_all():
-            errors += [{"run_id": run_id, **f} for f in json.loads(row["failures"])]
-            storage_retries += row["storage_retries"]
-        tables = [
-            ("slices", slices_rows, {"run_id": run_id, "model_version": model_version}),
-            ("studies", studies_rows, {"run_id": run_id, "model_version": model_version, "thresholds": thresholds}),
-        ]
-        if job.score.write_embeddings:
-            tables.append(("embeddings", embeddings_rows, {"run_id": run_id, "model_version": model_version}))
-        for table, fn, kwargs in tables:
-            written = _materialize(
-                scored.map_batches(
-                    write_part,
-                    batch_format="pyarrow",
-                    batch_size=None,
-                    num_cpus=0.25,
-                    fn_kwargs={
-                        "build": fn, "build_kwargs": kwargs, "out_uri": out_uri, "table": table,
-                        "run_id": run_id, "attempt": attempt, "storage_config": sc_dict,
-                    },
-                )
-            ).to_arrow_refs()
-            parts = pa.concat_tables(ray.get(written))
-            count = int(pc.sum(parts["rows"]).as_py() or 0)
-            storage_retries += int(pc.sum(parts["storage_retries"]).as_py() or 0)
-            if table == "slices":
-                n_slices = count
-            elif table == "studies":
-                n_studies = count
-    for table, schema in (("slices", SLICES_SCHEMA), ("studies", STUDIES_SCHEMA)):
-        if (table == "slices" and not n_slices) or (table == "studies" and not n_studies):
-            write_table(schema.empty_table(), out_uri, table, run_id, attempt, storage_config=sc)
-    write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), out_uri, "errors", run_id, attempt, storage_config=sc)
-
-    if extra_tables is not None:
-        scored_studies: set[str] = set()
-        if n_studies:
-            scored_studies = set(ds_studies_uids(scored))
-        for table, rows in extra_tables(scored_studies).items():
-            write_table(rows, out_uri, table, run_id, attempt, storage_config=sc)
-
-    seconds = time.perf_counter() - clock
-    storage_retries += storage.retry_count() - retries_before
-    n_rejected = len(errors)
-    outcomes = count_outcomes(e["reason"] for e in errors)
-    problems = run_problems(n_inputs, n_slices, errors, max_reject_fraction)
-    status = "failed" if problems else "succeeded"
-    run_row = {
-        "run_id": run_id,
-        "attempt": attempt,
-        "model_version": model_version,
-        "bundle_uri": bundle_uri,
-        "bundle_sha256": bundle_sha256,
-        "code_version": __version__,
-        "config_sha256": job.sha256(),
-        "config_json": json.dumps(job.to_dict(), sort_keys=True),
-        "started_at": started,
-        "finished_at": dt.datetime.now(dt.timezone.utc),
-        "status": status,
-        "n_inputs": n_inputs,
-        "n_slices_scored": n_slices,
-        "n_rejected": n_rejected,
-        "n_faults": outcomes["fault"],
-        "n_selected_out": outcomes["selection"],
-        "n_skipped": outcomes["skip"],
-        "n_studies": n_studies,
-        "n_storage_retries": storage_retries,
-        "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
-        "kind": kind,
-        "problems": json.dumps(problems),
-    }
-    if before_commit is not None:
-        before_commit()
-    run_uri = commit_run(out_uri, run_row, sc)
-    remove_other_attempts(out_uri, run_id, keep=attempt, storage_config=sc)
-    reasons = dict(Counter(e["reason"] for e in errors))
-    return RunSummary(
-        run_id, attempt, status, n_inputs, n_slices, n_rejected, n_studies, seconds,
-        run_row["slices_per_s"], reasons, storage_retries, outcomes, out_uri, run_uri, problems,
-    )
+    run = ScoringRun(bundle_uri, out_uri, job=job, run_id=run_id, progress=progress, storage_config=storage_config,
+                     max_reject_fraction=max_reject_fraction)
+    sc = run.storage_config
+    manifest = read_manifest(manifest_uri, sc) if manifest_uri else build_manifest(input_uri, run.job.index, sc)
+    run.score(manifest)
+    return run.commit()
 
 
 class _StorageErrorsOffConsole(logging.Filter):
@@ -584,8 +549,6 @@ class _StorageErrorsOffConsole(logging.Filter):
 def _materialize(ds):
     """``ds.materialize()``; a task's storage failure (a store that stopped answering, a denied write)
     is raised as itself, not inside Ray's wrapper, so the CLI can print one clear line."""
-    import ray.exceptions
-
     handlers = logging.getLogger("ray.data").handlers
     quiet = _StorageErrorsOffConsole()
     for handler in handlers:
@@ -632,10 +595,6 @@ def _check_cluster_fits(job: JobConfig, decode_memory: int) -> None:
     """Fail fast instead of hanging: place the actor pool on the alive nodes as they are (each actor's
     CPUs and GPUs on one node), then one decode task (its CPUs and ``decode_memory`` bytes) on what is
     left of some node. Skipped with ``ray.autoscaling: true``, where the autoscaler adds the nodes."""
-    import ray
-
-    from ichd_ray.config.job import ConfigError
-
     if job.ray.autoscaling:
         return
     cfg = job.score

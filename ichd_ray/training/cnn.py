@@ -4,15 +4,15 @@ Data comes from Ray Data (:func:`ichd_ray.training.data.train_dataset`): each ep
 ``samples_per_study x training studies`` slices, a random study then a random slice, read from the
 decoded cache and augmented on CPU tasks. Each worker builds its epoch's dataset itself, one row per
 step, every draw seeded by (``cnn.seed``, fold, epoch, rank, step) and the order kept, so the same
-seed, data and machine give the same weights; the held-out fold streams in through
-``get_dataset_shard("val")``. The loss is the class-weighted BCE of the challenge metric (``any`` x2);
+seed, data and machine give the same weights; each rank reads its share of the held-out fold straight
+from the cache (:func:`ichd_ray.training.data.held_out_batches`). The loss is the class-weighted BCE of the challenge metric (``any`` x2);
 AdamW with a linear warm-up and a cosine decay per step (:mod:`ichd_ray.training.schedule`); bf16
 autocast on GPU. Every epoch ends with the held-out fold's weighted log loss and a checkpoint
 (safetensors + JSON, see :mod:`ichd_ray.training.checkpoint`) under ``WORK/ray_train/cnn-fold<k>-<key>``.
 A failed worker restarts the group from the last checkpoint (``FailureConfig``); a re-run of the same
 command (same ``RunConfig(name, storage_path)``) resumes after a driver failure.
 
-Artifacts are named by the fold's key (:func:`ichd_ray.config.train.training_keys`: the CNN fields,
+Artifacts are named by the fold's key (:func:`ichd_ray.training.keys.training_keys`: the CNN fields,
 the cache's key, the fold assignment): ``WORK/cnn/fold<k>-<key>.safetensors`` and ``.json``. A fold is
 reused only when a summary of the same key is there, and the Ray Train run carries the key in its name,
 so a resumed run never continues another config's checkpoint.
@@ -50,13 +50,6 @@ def epoch_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _fault_hook(fault: dict | None, epoch: int, step: int, rank: int) -> None:
-    """Test hook: rank 0 dies once at (epoch, step), like a node lost mid-epoch."""
-    if fault and rank == 0 and epoch == fault["epoch"] and step == fault["step"] and not os.path.exists(fault["marker"]):
-        open(fault["marker"], "w").close()
-        os._exit(1)
-
-
 def _all_reduce(values: np.ndarray) -> np.ndarray:
     import torch
     import torch.distributed as dist
@@ -78,7 +71,7 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. ``config``: cnn (CnnSection dict), fold, input_size,
     normalization {mean, std}, steps_per_epoch, sampler (:func:`ichd_ray.training.data.sampler_inputs` of
     the training studies), prevalence (per class, training slices), run_uri and storage_config
-    (checkpoint fallback, cache reads), fault (test hook or None).
+    (checkpoint fallback, cache reads).
 
     Every random number is seeded: the weights by ``cnn.seed`` (the same start for every fold), each
     epoch's samples and augmentations by (seed, fold, epoch, rank, step), torch's generator (dropout)
@@ -91,7 +84,7 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     from ichd_ray.training.checkpoint import restore_train_state, save_train_state, unwrap
     from ichd_ray.models.sequence import masked_bce
     from ichd_ray.models.slice_cnn import SliceCNN
-    from ichd_ray.training.data import train_dataset
+    from ichd_ray.training.data import held_out_batches, train_dataset
 
     cnn = config["cnn"]
     fold = int(config["fold"])
@@ -126,7 +119,11 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     cuda = device.type == "cuda"
-    val_shard = ray.train.get_dataset_shard("val")
+    # This rank's share of the held-out studies, read straight from the cache each epoch: in study order,
+    # so the sums are the same on every run, and no Ray Train dataset (its DatasetManager actor costs
+    # ~15 s of start-up per fold on 2 cores; the held-out fold is small).
+    world = ctx.get_world_size()
+    val_studies = config["val"][rank::world]
 
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -143,7 +140,6 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
         )
         batches = train.iter_batches(batch_size=cnn["batch_size"], batch_format="numpy", drop_last=True, prefetch_batches=2)
         for i, batch in enumerate(batches):
-            _fault_hook(config.get("fault"), epoch, i, rank)
             if i >= steps_per_epoch:  # equal shards make this a no-op; it bounds the schedule if not
                 continue
             x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device, non_blocking=True)
@@ -162,12 +158,12 @@ def cnn_train_loop(config: dict[str, Any]) -> None:
 
         # Held-out fold: per-class BCE sums reduced over workers give the exact challenge metric.
         sums = np.zeros(len(CLASSES) + 1)
-        if val_shard is not None:
-            net = unwrap(model).eval()  # no DDP in eval: shards may differ in length, nothing to sync
+        if val_studies:
+            net = unwrap(model).eval()  # no DDP in eval: shares may differ in length, nothing to sync
             with torch.no_grad():
-                for batch in val_shard.iter_batches(batch_size=128, batch_format="numpy"):
-                    x = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
-                    y = torch.from_numpy(np.ascontiguousarray(batch["label"])).to(device)
+                for batch in held_out_batches(val_studies, size=config["input_size"], storage_config=config.get("storage_config")):
+                    x = torch.from_numpy(batch["image"]).to(device)
+                    y = torch.from_numpy(batch["label"]).to(device)
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                         _, logits = net(x)
                     p = torch.sigmoid(logits.float()).clamp(1e-15, 1 - 1e-15)
@@ -273,7 +269,6 @@ def train_cnn_fold(
     key: str,
     normalization: dict,
     storage_config: storage.StorageConfig | None = None,
-    fault: dict | None = None,
 ) -> dict[str, Any]:
     """Train CNN ``fold`` on the other folds' studies; validate on fold ``fold`` every epoch.
 
@@ -286,7 +281,6 @@ def train_cnn_fold(
             the Ray Train run.
         normalization: ``{mean, std}`` of the CNN input.
         storage_config: Driver storage settings.
-        fault: Test hook ``{marker, epoch, step}``: rank 0 exits once there.
 
     Returns:
         dict: ``key``, ``weights_uri``, ``weights_sha256``, ``history`` (per-epoch metrics),
@@ -296,7 +290,7 @@ def train_cnn_fold(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ichd_ray.training.data import sampler_inputs, val_dataset
+    from ichd_ray.training.data import sampler_inputs
 
     weights_uri = cnn_weights_uri(work_uri, fold, key)
     done = finished_fold(weights_uri, key, storage_config)
@@ -316,7 +310,6 @@ def train_cnn_fold(
         )
     # The training samples are drawn by each worker (seeded per epoch and rank): only the held-out fold
     # goes through Ray Train's dataset sharding, where arrival order does not change the sums.
-    datasets = {"val": val_dataset(held_out, size=cfg.data.input_size, cpus_per_task=c.cpus_per_data_task, storage_config=workers_sc)}
     name = run_name("cnn", fold, key)
     trainer = TorchTrainer(
         cnn_train_loop,
@@ -327,7 +320,9 @@ def train_cnn_fold(
             "normalization": normalization,
             "steps_per_epoch": steps_per_epoch,
             "sampler": sampler_inputs(train),
-            "fault": fault,
+            # absolute: the worker reads these itself, and Ray Train runs it in another working directory
+            "val": [{"cache_uri": storage.absolute(s["cache_uri"]), "n": int(s["n"]), "labels": np.asarray(s["labels"], np.uint8).tolist()}
+                    for s in held_out],
             "prevalence": np.concatenate([np.asarray(s["labels"], np.float64) for s in train]).mean(axis=0).tolist(),
             "run_uri": ray_run_uri(work_uri, name),
             "storage_config": workers_sc,
@@ -336,7 +331,6 @@ def train_cnn_fold(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}
         ),
         run_config=ray_run_config(work_uri, name, c.max_failures, storage_config),
-        datasets=datasets,
     )
     summary = fit_and_export(
         trainer, weights_uri, {"kind": "cnn", "fold": str(fold), "backbone": c.backbone, "key": key},

@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import ray.data
 
 from ichd_ray import CLASSES
-from ichd_ray.config.train import cache_fields, stage_key
+from ichd_ray.training.keys import cache_fields, stage_key
 from ichd_ray.evaluation.labels import labels_for, parse_labels
 from ichd_ray.io import storage
 from ichd_ray.models.bundle import DEFAULT_PREPROCESSING
 from ichd_ray.pipeline.index import build_manifest, study_table, to_arrow
-from ichd_ray.pipeline.score import DECODE_BASE_MEMORY, decode_studies
+from ichd_ray.pipeline.decode import decode_memory, decode_studies
 from ichd_ray.training.augment import AugmentConfig, augment_batch
 from ichd_ray.training.folds import assign_folds, assignment_sha256
 
@@ -48,9 +48,8 @@ __all__ = [
     "sample_slices",
     "sampler_inputs",
     "cache_key",
-    "load_cached_studies",
     "train_dataset",
-    "val_dataset",
+    "held_out_batches",
     "load_training_set",
 ]
 
@@ -194,7 +193,7 @@ def _sha256(data: bytes) -> str:
 
 
 def cache_key(training_set: TrainingSet, size: int, windows: list[dict]):
-    """The cache's :class:`ichd_ray.config.train.StageKey`: what it is decoded with, and from which manifest."""
+    """The cache's :class:`ichd_ray.training.keys.StageKey`: what it is decoded with, and from which manifest."""
 
     return stage_key("cache", cache_fields(size, windows), {"manifest_sha256": training_set.manifest_sha256})
 
@@ -260,7 +259,7 @@ def build_cache(
             batch_format="pyarrow",
             fn_kwargs={"size": size, "windows": windows, "rsna_fix": bool(DEFAULT_PREPROCESSING["rsna_fix"]), "cache_uri": prefix, "storage_config": storage_config.for_workers() if storage_config else None},
             num_cpus=cpus_per_task,
-            memory=DECODE_BASE_MEMORY + 2 * studies_per_task * longest * 3 * size * size,
+            memory=decode_memory(studies_per_task, longest, len(windows), size),
         )
         index = ds.take_all()
         sink = io.BytesIO()
@@ -350,14 +349,22 @@ def sample_slices(
     return {"image": images, "label": y}
 
 
-def load_cached_studies(batch: dict[str, np.ndarray], *, size: int, storage_config: dict | None) -> dict[str, np.ndarray]:
-    """Whole held-out studies from the cache: one row per slice (validation, no augmentation)."""
+def held_out_batches(studies: list[dict[str, Any]], *, size: int, storage_config: dict | None, max_slices: int = 128):
+    """Whole held-out studies from the cache, in the order given, as batches of at most ``max_slices``
+    slices (whole studies; a longer study is one batch): ``{"image": uint8 [n, 3, S, S], "label": float32
+    [n, 6]}``. ``studies``: ``{cache_uri, n, labels}`` (labels: n x 6). Validation: no augmentation."""
     config = storage.StorageConfig.on_worker(storage_config)
-    images, labels = [], []
-    for uri, n, flat in zip(batch["cache_uri"], batch["n"], batch["labels"]):
-        images.append(np.frombuffer(storage.read_bytes(str(uri), config), np.uint8).reshape(int(n), 3, size, size))
-        labels.append(np.asarray(flat, dtype=np.float32).reshape(int(n), len(CLASSES)))
-    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+    images, labels, n = [], [], 0
+    for study in studies:
+        count = int(study["n"])
+        if images and n + count > max_slices:
+            yield {"image": np.concatenate(images), "label": np.concatenate(labels)}
+            images, labels, n = [], [], 0
+        images.append(np.frombuffer(storage.read_bytes(str(study["cache_uri"]), config), np.uint8).reshape(count, 3, size, size))
+        labels.append(np.asarray(study["labels"], dtype=np.float32).reshape(count, len(CLASSES)))
+        n += count
+    if images:
+        yield {"image": np.concatenate(images), "label": np.concatenate(labels)}
 
 
 def sampler_inputs(studies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -389,15 +396,3 @@ def train_dataset(inputs: dict[str, Any], *, steps: int, batch_size: int, size: 
                    "storage_config": storage_config},
         num_cpus=cpus_per_task,
     )
-
-
-def val_dataset(studies: list[dict[str, Any]], *, size: int, cpus_per_task: float, storage_config: dict | None, studies_per_task: int = 4):
-    items = [{"cache_uri": s["cache_uri"], "n": s["n"], "labels": np.asarray(s["labels"], np.uint8).reshape(-1).tolist()} for s in studies]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / studies_per_task)))
-    return ds.map_batches(
-        load_cached_studies,
-        batch_size=studies_per_task,
-        fn_kwargs={"size": size, "storage_config": storage_config},
-        num_cpus=cpus_per_task,
-    )
-

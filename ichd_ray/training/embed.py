@@ -6,7 +6,7 @@ sequence model will see at scoring time on new data. Each fold runs :func:`ichd_
 one-fold bundle holding CNN k, over a manifest of fold k's studies. Output per fold:
 ``WORK/embed/fold<k>-<key>/out/embeddings/...`` (study, SOP, slice index, z, float16 embedding, CNN
 logits), committed like any scoring run, and skipped when a run finds it committed under the same key
-(:func:`ichd_ray.config.train.training_keys`: CNN k's key, the embedding fields, the manifest). The run
+(:func:`ichd_ray.training.keys.training_keys`: CNN k's key, the embedding fields, the manifest). The run
 keeps Ray Data's order (``preserve_order``), so the CNN sees the same batches every time and the
 embeddings are reproducible to the bit.
 """
@@ -29,7 +29,7 @@ from ichd_ray.models.bundle import (
     load_bundle_config,
     save_bundle,
 )
-from ichd_ray.models.sequence import SequenceModel
+from ichd_ray.models.sequence import SequenceModel, sequence_config
 from ichd_ray.models.slice_cnn import SliceCNN
 from ichd_ray.pipeline.index import MANIFEST_SCHEMA, write_manifest
 from ichd_ray.pipeline.score import score_job
@@ -114,7 +114,7 @@ def embed_fold(
         folds=1,
         windows=DEFAULT_WINDOWS,
         normalization=DEFAULT_NORMALIZATION,
-        sequence=cfg.sequence.sequence_config(),
+        sequence=sequence_config(cfg.sequence),
         training={"state": "oof-embedding", "fold": fold, "key": key},
         version_id=f"oof-fold{fold}",
     )

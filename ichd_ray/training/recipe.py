@@ -8,7 +8,7 @@ are not decoded again, a finished fold is not retrained, and a fold in progress 
 Ray Train checkpoint (same ``RunConfig(name, storage_path)``).
 
 "Done" means done *for this config*: every artifact (cache, CNN k, embeddings k, sequence model k) is
-named by its key (:func:`ichd_ray.config.train.training_keys`: the config fields its stage reads and
+named by its key (:func:`ichd_ray.training.keys.training_keys`: the config fields its stage reads and
 its inputs' keys), so a changed ``cnn.lr`` retrains the CNNs, the embeddings and the sequence models
 and keeps the cache, and a changed ``sequence.lr`` retrains the sequence models only. Artifacts of
 other keys are left in place (switching a field back reuses them; delete them to reclaim space). The
@@ -26,12 +26,21 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
+import safetensors.torch
 
 from ichd_ray import CLASSES, __version__
-
+from ichd_ray.training.keys import training_keys
+from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
 from ichd_ray.io import storage
+from ichd_ray.models.bundle import BundleConfig, save_bundle
+from ichd_ray.models.sequence import SequenceModel, sequence_config
+from ichd_ray.models.slice_cnn import SliceCNN
+from ichd_ray.training.cnn import cnn_weights_uri, finished_fold, train_cnn_fold
+from ichd_ray.training.data import build_cache, cache_prefix, load_training_set, prepare_training_set
+from ichd_ray.training.embed import embed_fold, embeddings_done, embeddings_uri
+from ichd_ray.training.oof import format_metrics, out_of_fold_metrics
+from ichd_ray.training.sequence import sequence_rows, train_sequence_fold
 
 __all__ = ["TrainResult", "default_work_uri", "train_cnn_stage", "train_sequence_stage", "train_all", "format_metrics"]
 
@@ -54,22 +63,51 @@ class TrainResult:
     stages: dict[str, Any] = field(default_factory=dict)
 
 
-def _windows_and_norm():
-    from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
+def train_all(
+    data_uri: str,
+    labels_uri: str,
+    out_uri: str,
+    cfg,
+    *,
+    work_uri: str | None = None,
+    storage_config: storage.StorageConfig | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    overwrite: bool = False,
+    recipe: dict | None = None,
+) -> TrainResult:
+    """Folds -> CNN -> embeddings -> sequence -> bundle at ``out_uri`` (Ray must be initialised).
 
+    Args:
+        recipe: where ``cfg`` came from (``{"name", "sha256", "config_file"}``), recorded in the bundle.
+    """
+    work_uri = work_uri or default_work_uri(out_uri)
+    started = time.perf_counter()
+    log(f"[1/2] CNN stage: {cfg.data.folds} folds of {cfg.cnn.backbone} at {cfg.data.input_size}px (work: {work_uri})")
+    cnn = train_cnn_stage(data_uri, labels_uri, work_uri, cfg, storage_config=storage_config, log=log)
+    log("[2/2] sequence stage: out-of-fold embeddings through the scoring actors, then one sequence model per fold")
+    result = train_sequence_stage(
+        work_uri, out_uri, cfg, storage_config=storage_config, log=log, progress=progress, overwrite=overwrite,
+        provenance={"data_uri": data_uri, "labels_uri": labels_uri, "cnn_stage_seconds": cnn["seconds"], "recipe": recipe},
+    )
+    stages = {
+        "cache": {"key": cnn["cache"]["key"], "reused": cnn["cache"]["reused"]},
+        "cnn": [{"fold": s["fold"], "key": s["key"], "reused": s["reused"]} for s in cnn["folds"]],
+        **result.stages,
+    }
+    return replace(result, seconds=time.perf_counter() - started, stages=stages)
+
+
+def _windows_and_norm():
     return [w.to_dict() for w in DEFAULT_WINDOWS], DEFAULT_NORMALIZATION.to_dict()
 
 
 def _keys(ts, cfg) -> dict[str, Any]:
-    """Every artifact's key for this config and training set (:func:`ichd_ray.config.train.training_keys`)."""
-    from ichd_ray.config.train import training_keys
-
+    """Every artifact's key for this config and training set (:func:`ichd_ray.training.keys.training_keys`)."""
     return training_keys(cfg, manifest_sha256=ts.manifest_sha256, folds_sha256=ts.folds_sha256)
 
 
 def _training_set(data_uri, labels_uri, work_uri, cfg, storage_config):
-    from ichd_ray.training.data import prepare_training_set
-
     return prepare_training_set(
         data_uri, labels_uri, work_uri, folds=cfg.data.folds, fold_seed=cfg.data.fold_seed,
         index_config=cfg.index, storage_config=storage_config,
@@ -84,12 +122,8 @@ def train_cnn_stage(
     *,
     storage_config: storage.StorageConfig | None = None,
     log: Callable[[str], None] = print,
-    fault: dict | None = None,
 ) -> dict[str, Any]:
     """Index + labels + folds, the decoded cache, then one CNN per fold (Ray must be initialised)."""
-    from ichd_ray.training.cnn import train_cnn_fold
-    from ichd_ray.training.data import build_cache, cache_prefix
-
     started = time.perf_counter()
     ts = _training_set(data_uri, labels_uri, work_uri, cfg, storage_config)
     keys = _keys(ts, cfg)
@@ -111,7 +145,7 @@ def train_cnn_stage(
     folds = []
     for k in range(cfg.data.folds):
         key = keys["cnn"][k]
-        summary = train_cnn_fold(studies, k, cfg, work_uri, key=key.key, normalization=norm, storage_config=storage_config, fault=fault)
+        summary = train_cnn_fold(studies, k, cfg, work_uri, key=key.key, normalization=norm, storage_config=storage_config)
         last = summary["history"][-1]
         log(f"  cnn fold {k} {key.short}{' (reused)' if summary['reused'] else ''}: {last['epoch'] + 1} epochs, "
             f"val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}, {last.get('train_samples_per_s', 0):.0f} samples/s")
@@ -122,81 +156,6 @@ def train_cnn_stage(
     }
 
 
-def _labels_frame(manifest: pd.DataFrame) -> pd.DataFrame:
-    from ichd_ray.evaluation.labels import label_id
-    from ichd_ray.training.data import LABEL_COLUMNS
-
-    used = manifest[manifest["fold"] >= 0].drop_duplicates("sop_uid")
-    frame = pd.DataFrame(used[LABEL_COLUMNS].to_numpy(np.uint8), columns=list(CLASSES), index=[label_id(s) for s in used["sop_uid"]])
-    frame.index.name = "image_id"
-    return frame
-
-
-def _slice_frame(rows: list[dict[str, Any]], probs: list[np.ndarray]) -> pd.DataFrame:
-    parts = []
-    for r, p in zip(rows, probs):
-        part = pd.DataFrame(np.asarray(p, np.float64).reshape(-1, len(CLASSES)), columns=[f"p_{c}" for c in CLASSES])
-        part.insert(0, "study_uid", r["study_uid"])
-        part.insert(1, "sop_uid", r["sop_uids"])
-        part.insert(2, "slice_index", np.arange(len(part)))
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
-
-
-def out_of_fold_predictions(rows, folds: int, cfg, sequence_uris: list[str], storage_config) -> dict[str, pd.DataFrame]:
-    """Per slice, out of fold: the prior baseline, the CNN alone and CNN + sequence; plus study-head
-    probabilities. ``sequence_uris``: sequence model k's weights, per fold."""
-    import safetensors.torch
-
-    from ichd_ray.models.sequence import SequenceModel
-    from ichd_ray.training.sequence import predict_studies
-
-    prior, cnn, seq, study_head, ordered = [], [], [], {}, []
-    for k in range(folds):
-        train = [r for r in rows if r["fold"] != k]
-        held = [r for r in rows if r["fold"] == k]
-        if not held:
-            continue
-        prevalence = np.concatenate([np.frombuffer(r["labels"], np.uint8) for r in train]).reshape(-1, len(CLASSES))
-        prevalence = prevalence.mean(axis=0).clip(1e-6, 1 - 1e-6)
-        model = SequenceModel.from_config(int(rows[0]["dim"]), cfg.sequence.sequence_config(), len(CLASSES))
-        model.load_state_dict(safetensors.torch.load(storage.read_bytes(sequence_uris[k], storage_config)))
-        preds = predict_studies(model, held)
-        for r, (slice_p, study_p) in zip(held, preds):
-            n = int(r["n"])
-            prior.append(np.tile(prevalence, (n, 1)))
-            cnn.append(1.0 / (1.0 + np.exp(-np.frombuffer(r["logits"], np.float32).astype(np.float64).reshape(n, -1))))
-            seq.append(slice_p)
-            study_head[r["study_uid"]] = study_p
-        ordered += held
-    return {
-        "prior": _slice_frame(ordered, prior),
-        "cnn": _slice_frame(ordered, cnn),
-        "cnn_sequence": _slice_frame(ordered, seq),
-        "study_head": pd.DataFrame.from_dict(study_head, orient="index", columns=[f"p_{c}" for c in CLASSES]),
-    }
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """The final table: prior-only baseline, CNN alone and CNN + sequence, all out of fold."""
-    names = {"prior": "prior-only baseline", "cnn": "CNN alone", "cnn_sequence": "CNN + sequence"}
-    lines = [f"{'out of fold':<22}{'slice wLL':>11}{'study wLL':>11}{'any AUC':>9}{'ETH F1':>8}"]
-    for key, label in names.items():
-        m = metrics[key]
-        auc = m["slice"]["per_class"]["any"]["auc"]
-        f1 = m["eth"]["f1"]
-        lines.append(
-            f"{label:<22}{m['slice']['weighted_log_loss']:>11.4f}{m['study_max_of_slices']['weighted_log_loss']:>11.4f}"
-            f"{(auc if auc is not None else float('nan')):>9.3f}{(f1 if f1 is not None else float('nan')):>8.3f}"
-        )
-    gains = metrics["gains"]
-    lines.append(
-        f"slice wLL: CNN {gains['cnn_vs_prior']:+.1%} vs prior, CNN + sequence {gains['sequence_vs_cnn']:+.1%} vs CNN "
-        f"({gains['sequence_vs_prior']:+.1%} vs prior)"
-    )
-    return "\n".join(lines)
-
-
 def train_sequence_stage(
     work_uri: str,
     out_uri: str,
@@ -205,22 +164,10 @@ def train_sequence_stage(
     storage_config: storage.StorageConfig | None = None,
     log: Callable[[str], None] = print,
     progress: bool = False,
-    fault: dict | None = None,
     overwrite: bool = False,
     provenance: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Out-of-fold embeddings (scoring actors), one sequence model per fold, metrics, the bundle."""
-    import safetensors.torch
-
-    from ichd_ray.training.embed import embed_fold, embeddings_done, embeddings_uri
-    from ichd_ray.evaluation.evaluate import choose_run_thresholds, evaluate_predictions
-    from ichd_ray.models.bundle import BundleConfig, save_bundle
-    from ichd_ray.models.sequence import SequenceModel
-    from ichd_ray.models.slice_cnn import SliceCNN
-    from ichd_ray.training.cnn import cnn_weights_uri, finished_fold
-    from ichd_ray.training.data import load_training_set
-    from ichd_ray.training.sequence import sequence_rows, train_sequence_fold
-
     started = time.perf_counter()
     ts = load_training_set(work_uri, storage_config)
     if ts.folds != cfg.data.folds:
@@ -243,28 +190,14 @@ def train_sequence_stage(
     seq_summaries = []
     for k in range(cfg.data.folds):
         key = keys["sequence"][k]
-        summary = train_sequence_fold(rows, k, cfg, work_uri, key=key.key, storage_config=storage_config, fault=fault)
+        summary = train_sequence_fold(rows, k, cfg, work_uri, key=key.key, storage_config=storage_config)
         last = summary["history"][-1]
         log(f"  sequence fold {k} {key.short}{' (reused)' if summary['reused'] else ''}: {last['epoch'] + 1} epochs, "
             f"val weighted log loss {last.get('val_weighted_log_loss', float('nan')):.4f}")
         seq_summaries.append(summary)
 
-    preds = out_of_fold_predictions(rows, cfg.data.folds, cfg, [s["weights_uri"] for s in seq_summaries], storage_config)
-    labels = _labels_frame(ts.manifest)
-    metrics: dict[str, Any] = {key: evaluate_predictions(preds[key], labels) for key in ("prior", "cnn", "cnn_sequence")}
-    wll = {key: metrics[key]["slice"]["weighted_log_loss"] for key in ("prior", "cnn", "cnn_sequence")}
-    metrics["gains"] = {
-        "cnn_vs_prior": wll["cnn"] / wll["prior"] - 1,
-        "sequence_vs_cnn": wll["cnn_sequence"] / wll["cnn"] - 1,
-        "sequence_vs_prior": wll["cnn_sequence"] / wll["prior"] - 1,
-    }
-    # Thresholds are chosen where they are applied: the study head's (`thresholds`: `flagged`, studies.p_*)
-    # on its out-of-fold study outputs, `slice_thresholds` (slices.p_*, the ETH rule) on the out-of-fold
-    # CNN + sequence slice outputs, the ones scoring writes.
-    chosen = choose_run_thresholds(preds["cnn_sequence"], preds["study_head"], labels)
-    thresholds, slice_thresholds = chosen["study"], chosen["slice"]
-    metrics["thresholds"] = thresholds
-    metrics["slice_thresholds"] = slice_thresholds
+    metrics = out_of_fold_metrics(rows, ts.manifest, cfg, [s["weights_uri"] for s in seq_summaries], storage_config)
+    thresholds, slice_thresholds = metrics["thresholds"], metrics["slice_thresholds"]
 
     # The bundle: CNN k and sequence model k of this config's keys, written like any bundle; per fold
     # the keys and the sha256 of the very bytes loaded, so the bundle names the weights it holds.
@@ -275,7 +208,7 @@ def train_sequence_stage(
         cnn = SliceCNN(cfg.cnn.backbone, len(CLASSES))
         cnn.load_state_dict(safetensors.torch.load(cnn_bytes))
         seq_bytes = storage.read_bytes(seq_summaries[k]["weights_uri"], storage_config)
-        seq = SequenceModel.from_config(embed_dim, cfg.sequence.sequence_config(), len(CLASSES))
+        seq = SequenceModel.from_config(embed_dim, sequence_config(cfg.sequence), len(CLASSES))
         seq.load_state_dict(safetensors.torch.load(seq_bytes))
         cnns.append(cnn)
         seqs.append(seq)
@@ -309,7 +242,7 @@ def train_sequence_stage(
         embed_dim=embed_dim,
         input_size=cfg.data.input_size,
         folds=cfg.data.folds,
-        sequence=cfg.sequence.sequence_config(),
+        sequence=sequence_config(cfg.sequence),
         thresholds=thresholds,
         slice_thresholds=slice_thresholds,
         training=training,
@@ -326,34 +259,3 @@ def train_sequence_stage(
 def _compact(metrics: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe copy (NaN -> None)."""
     return json.loads(json.dumps(metrics, default=float).replace("NaN", "null"))
-
-
-def train_all(
-    data_uri: str,
-    labels_uri: str,
-    out_uri: str,
-    cfg,
-    *,
-    work_uri: str | None = None,
-    storage_config: storage.StorageConfig | None = None,
-    log: Callable[[str], None] = print,
-    progress: bool = False,
-    overwrite: bool = False,
-    fault: dict | None = None,
-) -> TrainResult:
-    """Folds -> CNN -> embeddings -> sequence -> bundle at ``out_uri`` (Ray must be initialised)."""
-    work_uri = work_uri or default_work_uri(out_uri)
-    started = time.perf_counter()
-    log(f"[1/2] CNN stage: {cfg.data.folds} folds of {cfg.cnn.backbone} at {cfg.data.input_size}px (work: {work_uri})")
-    cnn = train_cnn_stage(data_uri, labels_uri, work_uri, cfg, storage_config=storage_config, log=log, fault=fault)
-    log("[2/2] sequence stage: out-of-fold embeddings through the scoring actors, then one sequence model per fold")
-    result = train_sequence_stage(
-        work_uri, out_uri, cfg, storage_config=storage_config, log=log, progress=progress, overwrite=overwrite,
-        provenance={"data_uri": data_uri, "labels_uri": labels_uri, "cnn_stage_seconds": cnn["seconds"]},
-    )
-    stages = {
-        "cache": {"key": cnn["cache"]["key"], "reused": cnn["cache"]["reused"]},
-        "cnn": [{"fold": s["fold"], "key": s["key"], "reused": s["reused"]} for s in cnn["folds"]],
-        **result.stages,
-    }
-    return replace(result, seconds=time.perf_counter() - started, stages=stages)
