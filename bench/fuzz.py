@@ -1,6 +1,6 @@
 """The DICOM reader fuzz at bench size: thousands of mutated slices, outcome counts per reason.
 
-Same seeds, mutations and oracle as ``tests/test_dicom_fuzz.py`` (imported from there), but random
+Same seeds, mutations and oracle as ``tests/test_read_fuzz.py`` (imported from there), but random
 (not derandomized) and many more examples. Every example must end as exact HU or a typed rejection,
 under the tracemalloc bound; a failure stops the run with hypothesis's minimal example. A watchdog
 thread dumps every stack and exits 124 when one example runs longer than ``--hang-s`` (a hang, not
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import seed as hypothesis_seed  # noqa: E402
 
-import test_dicom_fuzz as fuzz  # noqa: E402  (tests/ is on sys.path above)
+import test_read_fuzz as fuzz  # noqa: E402  (tests/ is on sys.path above)
 from ichd_ray.dicom.read import REJECT_REASONS, load_slice  # noqa: E402
 
 KINDS = ("delete", "garbage", "tricky", "length", "vr", "dims", "ushort", "pixels", "truncate")

@@ -78,20 +78,20 @@ def pinned_loop(uris: list[str], size: int, rounds: int) -> list[float]:
 
 def pinned_decode_studies(studies: list[dict], spt: int, size: int, windows: list[dict], rounds: int) -> list[float]:
     """slices/s of ``decode_studies`` called in this process (no Ray), ``spt`` studies a call, one core."""
-    from ichd_ray.pipeline.score import decode_studies
+    from ichd_ray.pipeline.decode import decode_studies
 
     n = sum(len(s["uris"]) for s in studies)
     batches = [pa.Table.from_pylist(studies[i : i + spt]) for i in range(0, len(studies), spt)]
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {sorted(before)[0]})
     try:
-        decoded = sum(sum(decode_studies(b, size=size, windows=windows, storage_config=None).column("n_images").to_pylist()) for b in batches)
+        decoded = sum(sum(decode_studies(b, size=size, windows=windows, rsna_fix=True, storage_config=None).column("n_images").to_pylist()) for b in batches)
         assert decoded == n, f"decode_studies decoded {decoded} of {n} slices"  # failures are recorded, not raised
         rates = []
         for _ in range(rounds):
             t = time.perf_counter()
             for b in batches:
-                decode_studies(b, size=size, windows=windows, storage_config=None)
+                decode_studies(b, size=size, windows=windows, rsna_fix=True, storage_config=None)
             rates.append(n / (time.perf_counter() - t))
         return rates
     finally:
@@ -175,7 +175,7 @@ def ray_decode(studies: list[dict], spt: int, size: int, windows: list[dict], re
     import ray
     import ray.data
 
-    from ichd_ray.pipeline.score import decode_studies
+    from ichd_ray.pipeline.decode import decode_studies
 
     global _n_images
     if _n_images is None:
@@ -192,7 +192,7 @@ def ray_decode(studies: list[dict], spt: int, size: int, windows: list[dict], re
             decode_studies,
             batch_size=spt,
             batch_format="pyarrow",
-            fn_kwargs={"size": size, "windows": windows, "storage_config": None},
+            fn_kwargs={"size": size, "windows": windows, "rsna_fix": True, "storage_config": None},
             num_cpus=1.0,
         )
         mat = ds.materialize()

@@ -40,7 +40,7 @@ def main() -> int:
 
     from ichd_ray.synthetic.generate import SynthConfig, generate
     from ichd_ray.training.recipe import train_all
-    from ichd_ray.config.train import load_train_config
+    from ichd_ray.io.config_files import load_train_config
 
     root = Path(args.root)
     data, model = root / "data", root / "model"

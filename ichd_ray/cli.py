@@ -15,10 +15,10 @@ __all__ = ["main", "build_parser"]
 
 
 from ichd_ray.config.demo import DemoConfig
-from ichd_ray.config.job import ConfigError, load_job_config, read_yaml_sections
+from ichd_ray.config.job import ConfigError
 from ichd_ray.config.recipes import RECIPE_ALIASES, load_recipe, recipe_names, resolved_yaml
 from ichd_ray.config.reference import json_schema, markdown_reference
-from ichd_ray.config.train import load_train_config
+from ichd_ray.config.train import train_config
 
 #: The demo's defaults, from its config model (pydantic only: --help stays free of torch).
 DEMO_DEFAULTS = DemoConfig()
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> int:
+    # Lazy: config files are read through io.storage (pyarrow, ~0.2 s): `ichd-ray --help` stays fast (start-up).
+    from ichd_ray.io.config_files import load_job_config, load_train_config, read_yaml_sections
+
     if args.config_command != "validate":
         print(json.dumps(json_schema(), indent=2) if args.schema else markdown_reference())
         return 0
@@ -241,7 +244,7 @@ def _recipes(args: argparse.Namespace) -> int:
         name = words[0] if len(words) == 1 else words[1]
         try:
             recipe = load_recipe(name)
-            text = resolved_yaml(recipe, load_train_config(name).to_dict())
+            text = resolved_yaml(recipe, train_config(name).to_dict())
         except ConfigError as exc:
             print(f"ichd-ray recipes: {exc}", file=sys.stderr)
             return 2
@@ -331,6 +334,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # Lazy: config files are read through io.storage (pyarrow, ~0.2 s): `ichd-ray --help` stays fast (start-up).
+    from ichd_ray.io.config_files import load_train_config, storage_config
+
     overrides = {
         "storage": {"endpoint_url": args.endpoint_url, "region": args.region},
         "data": {"folds": args.folds},
@@ -347,7 +353,7 @@ def _train(args: argparse.Namespace) -> int:
     from ichd_ray.pipeline.ray_session import init_ray
     from ichd_ray.training.recipe import default_work_uri, train_all, train_cnn_stage, train_sequence_stage
 
-    sc = cfg.storage.storage_config()
+    sc = storage_config(cfg.storage)
     source = {**load_recipe(recipe).provenance(), "config_file": args.config}  # into the bundle, beside the resolved config
     out = getattr(args, "out", None)
     work = args.work or default_work_uri(out)
@@ -382,6 +388,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
+    # Lazy: config files are read through io.storage (pyarrow, ~0.2 s): `ichd-ray --help` stays fast (start-up).
+    from ichd_ray.io.config_files import load_job_config
+
     import datetime as dt
     import math
 
@@ -459,6 +468,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _index_or_score(args: argparse.Namespace) -> int:
+    # Lazy: config files are read through io.storage (pyarrow, ~0.2 s): `ichd-ray --help` stays fast (start-up).
+    from ichd_ray.io.config_files import load_job_config, storage_config
 
     storage_overrides = {"endpoint_url": args.endpoint_url, "region": args.region}
     score_overrides = {}
@@ -484,7 +495,7 @@ def _index_or_score(args: argparse.Namespace) -> int:
     if args.command == "index":
         from ichd_ray.pipeline.index import build_manifest, write_manifest
 
-        sc = job.storage.storage_config()
+        sc = storage_config(job.storage)
         manifest = build_manifest(args.input, job.index, sc)
         write_manifest(manifest, args.out, sc)
         counts = manifest["reason"].fillna("selected").value_counts().to_dict()

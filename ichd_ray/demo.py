@@ -16,7 +16,7 @@ import ray.data
 
 from ichd_ray.config.demo import DemoConfig
 from ichd_ray.config.recipes import load_recipe
-from ichd_ray.config.train import load_train_config
+from ichd_ray.io.config_files import load_train_config
 from ichd_ray.evaluation.evaluate import evaluate, format_table
 from ichd_ray.io import storage
 from ichd_ray.io.results import format_summary

@@ -134,3 +134,14 @@ def kill_worker(ray_session):
     """``with kill_worker("StudyScoringActor", after_s=0.5, when=None) as killed:`` SIGKILLs that Ray worker
     process once while the block runs (Ray's own recovery is what the test then checks)."""
     return _kill_once
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    """8 synthetic studies of 8 slices at 64 px (and 2 bad files): what the training tests train on."""
+    from ichd_ray.synthetic.generate import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    generate(str(data), SynthConfig(studies=8, slices=8, size=64, seed=3, bad_files=2), workers=1)
+    return root, data

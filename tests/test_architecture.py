@@ -115,3 +115,17 @@ def test_function_level_imports_are_explained_or_in_the_shrinking_backlog():
     found = _unexplained_function_imports()
     grown = {f: (n, FUNCTION_IMPORT_BACKLOG.get(f, 0)) for f, n in found.items() if n > FUNCTION_IMPORT_BACKLOG.get(f, 0)}
     assert not grown, f"unexplained function-level imports (found, allowed): {grown}"
+
+
+def test_every_module_has_its_test_file():
+    """Tests mirror the package: ``ichd_ray/<package>/<module>.py`` is tested in ``tests/test_<module>.py``,
+    or ``tests/test_<module>_<package>.py`` where two packages hold a module of that name."""
+    tests = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    missing = []
+    for path in sorted((ROOT / "ichd_ray").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        module, package = path.stem, path.parent.name
+        if f"test_{module}" not in tests and f"test_{module}_{package}" not in tests:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"modules without a test file: {missing}"

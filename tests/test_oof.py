@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save
 
 from ichd_ray import CLASSES
-from ichd_ray.config.train import load_train_config
+from ichd_ray.io.config_files import load_train_config
 from ichd_ray.models.sequence import SequenceModel, sequence_config
 from ichd_ray.training.oof import format_metrics, out_of_fold_predictions
 from ichd_ray.training.sequence import predict_studies

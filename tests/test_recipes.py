@@ -11,7 +11,8 @@ import yaml
 from ichd_ray.cli import main
 from ichd_ray.config.job import ConfigError
 from ichd_ray.config.recipes import RECIPE_ALIASES, load_recipe, recipe_names
-from ichd_ray.config.train import TrainConfig, load_train_config
+from ichd_ray.config.train import TrainConfig
+from ichd_ray.io.config_files import load_train_config
 
 
 def test_the_shipped_recipes_are_the_files_in_the_package():

@@ -1,12 +1,10 @@
 """End to end on local Ray (2 CPUs): synth -> model init -> index -> score -> Parquet -> DuckDB."""
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
 import json
 import shutil
-import threading
 
 import numpy as np
 import pandas as pd

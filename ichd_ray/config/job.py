@@ -49,7 +49,8 @@ __all__ = [
     "StorageSection",
     "RaySection",
     "JobConfig",
-    "load_job_config",
+    "job_config",
+    "parse_yaml_sections",
     "from_dict",
     "validate_config",
 ]
@@ -114,11 +115,6 @@ class StorageSection(Section):
             raise ValueError("expected an http:// or https:// URL")
         return value
 
-    def storage_config(self):
-        # Lazy: the config layer sits below io; only the CLI and the stages call this.
-        from ichd_ray.io.storage import StorageConfig
-
-        return StorageConfig.from_env(**{k: v for k, v in self.model_dump().items() if v})
 
 
 class RaySection(Section):
@@ -238,21 +234,19 @@ def from_dict(data: dict[str, Any]) -> JobConfig:
     return validate_config(JobConfig, data or {})
 
 
-def read_yaml_sections(path_or_uri: str) -> dict[str, Any]:
-    """A config YAML (local path or storage URI) as ``{section: mapping}``; anything else is a ConfigError."""
-    # Lazy: the config layer sits below io (storage is configured by this module's StorageSection).
-    from ichd_ray.io import storage
-
+def parse_yaml_sections(data: bytes | str, source: str) -> dict[str, Any]:
+    """A config YAML's text as ``{section: mapping}``; anything else is a ConfigError naming ``source``.
+    (Reading the file is the io layer's: :func:`ichd_ray.io.config_files.read_yaml_sections`.)"""
     try:
-        data = yaml.safe_load(storage.read_bytes(path_or_uri).decode("utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path_or_uri}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path_or_uri}: expected a mapping of sections at the top level")
-    return data
+        parsed = yaml.safe_load(data.decode("utf-8") if isinstance(data, bytes) else data) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    return parsed
 
 
-def load_job_config(path_or_uri: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> JobConfig:
-    """Read a YAML job config (local path or storage URI), apply flag overrides, validate."""
-    config = from_dict(read_yaml_sections(path_or_uri) if path_or_uri else {})
+def job_config(sections: dict[str, Any] | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> JobConfig:
+    """The job config of parsed YAML ``sections``, then flag ``overrides``; validated."""
+    config = from_dict(sections or {})
     return config.with_overrides(overrides) if overrides else config

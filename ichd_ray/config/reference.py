@@ -69,7 +69,7 @@ def markdown_reference() -> str:
     """Every field of every config: dotted name, default, what is allowed, what it does."""
     out = ["# Configuration reference", "",
            "Generated from the pydantic models in `ichd_ray/config/` by `python -m ichd_ray.config.reference`;",
-           "`tests/test_config.py` fails when this file and the models differ. Types are strict: `\"2\"` is not",
+           "`tests/test_reference.py` fails when this file and the models differ. Types are strict: `\"2\"` is not",
            "an integer and `1` is not `true`; an unknown field is an error naming the fields allowed.",
            "Training defaults below are the models' own; a recipe (`--recipe demo|rsna1st`, `ichd-ray recipes`) overrides many of them.", ""]
     for title, model in CONFIGS.items():

@@ -25,7 +25,6 @@ from ichd_ray.config.job import (
     Section,
     SectionedConfig,
     StorageSection,
-    read_yaml_sections,
     validate_config,
 )
 from ichd_ray.config.recipes import load_recipe
@@ -36,7 +35,7 @@ __all__ = [
     "CnnSection",
     "SequenceSection",
     "TrainConfig",
-    "load_train_config",
+    "train_config",
 ]
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -202,18 +201,18 @@ class TrainConfig(SectionedConfig):
                          storage=self.storage, ray=self.ray)
 
 
-def load_train_config(recipe: str = "demo", path_or_uri: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A recipe by name, then the YAML file, then ``{"section": {"field": value}}`` overrides; validated.
+def train_config(recipe: str = "demo", sections: dict[str, Any] | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A recipe by name, then parsed YAML ``sections`` (a ``--config`` file), then ``{"section": {"field":
+    value}}`` overrides; validated. (From a file: :func:`ichd_ray.io.config_files.load_train_config`.)
 
     Raises:
-        ConfigError: Unknown recipe, invalid YAML, or a bad field (named with its section).
+        ConfigError: Unknown recipe or a bad field (named with its section).
     """
     data = load_recipe(recipe).sections()
-    if path_or_uri:
-        for section, values in read_yaml_sections(path_or_uri).items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{section}: expected a mapping, got {values!r}")
-            data[section] = {**data.get(section, {}), **values}
+    for section, values in (sections or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+        data[section] = {**data.get(section, {}), **values}
     for section, values in (overrides or {}).items():
         data[section] = {**data.get(section, {}), **{k: v for k, v in values.items() if v is not None}}
     return validate_config(TrainConfig, data)

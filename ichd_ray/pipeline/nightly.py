@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ichd_ray.config.job import JobConfig
-from ichd_ray.io import storage
+from ichd_ray.io import config_files, storage
 from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
 from ichd_ray.io.results import connect
 from ichd_ray.models.bundle import load_bundle_config
@@ -324,7 +324,7 @@ def nightly(
     (None: :data:`ichd_ray.io.lease.DEFAULT_TTL`, 5 min) renewed every third of it, so a killed run's lease
     lapses within ``lease_ttl``, or at once for a re-run on the same host."""
     job = job or JobConfig()
-    sc = storage_config or job.storage.storage_config()
+    sc = storage_config or config_files.storage_config(job.storage)
     started = time.perf_counter()
     if dry_run:
         plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now)

@@ -38,7 +38,7 @@ from ray.data import ActorPoolStrategy
 
 from ichd_ray import CLASSES, __version__
 from ichd_ray.config.job import ConfigError, JobConfig
-from ichd_ray.io import storage
+from ichd_ray.io import config_files, storage
 from ichd_ray.models.bundle import load_bundle, load_bundle_config
 from ichd_ray.models.inference import StudyInput, StudyScorer
 from ichd_ray.pipeline.index import build_manifest, read_manifest, study_table
@@ -326,7 +326,7 @@ class ScoringRun:
         storage_retries: int = 0,
     ) -> None:
         self.job = job or JobConfig()
-        self.storage_config = storage_config or self.job.storage.storage_config()
+        self.storage_config = storage_config or config_files.storage_config(self.job.storage)
         self.bundle_uri, self.out_uri, self.progress, self.kind = bundle_uri, out_uri, progress, kind
         self.max_reject_fraction = max_reject_fraction
         self.started = dt.datetime.now(dt.timezone.utc)

@@ -118,14 +118,13 @@ def seq_train_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(c["seed"] * 1000 + fold)
 
-    rows = ray.get(config["rows"])  # {"train", "val"}: every study row, each naming the rank it belongs to
+    def mine(part: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+        return [_decode(r) for r in sorted((r for r in part if r["share"] == rank), key=lambda r: r["study_uid"])]
 
-    def load(name: str) -> list[dict[str, np.ndarray]]:
-        mine = [r for r in rows[name] if r["share"] == rank]
-        return [_decode(r) for r in sorted(mine, key=lambda r: r["study_uid"])]
-
-    # Small (embeddings, not pixels): read once, then every epoch works in memory.
-    train, val = load("train"), load("val")
+    # {"train", "val"}: every study row, each naming the rank it belongs to. Small (embeddings, not
+    # pixels): read once, then every epoch works in memory.
+    rows = ray.get(config["rows"])
+    train, val = mine(rows["train"]), mine(rows["val"])
     del rows
     dim = config["embed_dim"]
     seq_cfg = SequenceConfig(tuple(c["proj_dims"]), c["hidden"], c["num_layers"], c["rnn"], c["dropout"])

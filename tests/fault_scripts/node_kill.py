@@ -293,7 +293,7 @@ def run_train(root: Path) -> dict:
 
     from ichd_ray.synthetic.generate import SynthConfig, generate
     from ichd_ray.training.recipe import train_cnn_stage
-    from ichd_ray.config.train import load_train_config
+    from ichd_ray.io.config_files import load_train_config
 
     data = root / "data"
     if not (data / "labels.csv").exists():

@@ -1,3 +1,5 @@
+"""ichd_ray.synthetic.generate: synthetic head-CT studies with labels, locally and on S3."""
+
 import csv
 import dataclasses
 import hashlib

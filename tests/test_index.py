@@ -1,3 +1,5 @@
+"""ichd_ray.pipeline.index: listing, header reads, series selection and the manifest."""
+
 import pathlib
 
 import pandas as pd

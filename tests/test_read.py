@@ -1,3 +1,5 @@
+"""ichd_ray.dicom.read: header and pixel parsing by the PS3.5/PS3.3 rules; what breaks them is refused with a reason."""
+
 import io
 import os
 import pickle

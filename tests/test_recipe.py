@@ -1,4 +1,4 @@
-"""Training on Ray Train, end to end on a tiny synthetic set: folds -> CNN -> OOF embeddings -> sequence
+"""ichd_ray.training.recipe: training on Ray Train, end to end on a tiny synthetic set: folds -> CNN -> OOF embeddings -> sequence
 -> bundle -> score -> evaluate; a worker killed mid-epoch resumes from its checkpoint; a re-run resumes."""
 
 import json
@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from ichd_ray import CLASSES
-from ichd_ray.synthetic.generate import SynthConfig, generate
-from ichd_ray.config.train import load_train_config
+from ichd_ray.io.config_files import load_train_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -19,14 +18,6 @@ TINY = {
     "cnn": {"backbone": "test_resnet", "epochs": 2, "samples_per_study": 4, "batch_size": 8, "torch_threads": 1},
     "sequence": {"epochs": 2, "batch_size": 4, "window": 6, "proj_dims": [16, 8], "hidden": 8, "checkpoint_every": 1},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    data = root / "data"
-    generate(str(data), SynthConfig(studies=8, slices=8, size=64, seed=3, bad_files=2), workers=1)
-    return root, data
 
 
 def _config(tmp_path, extra=None):
@@ -166,37 +157,6 @@ def test_training_set_refuses_other_fold_settings(ray_session, tiny_set, tmp_pat
     assert len(bad) == 6 * sum(len(s["sop_uids"]) for s in ts.studies)
     with pytest.raises(ValueError, match="folds: stored 2, asked 3"):
         prepare_training_set(str(data), str(data / "labels.csv"), work, folds=3, fold_seed=0, index_config=IndexConfig())
-
-
-def test_cnn_fold_and_oof_embeddings_on_s3(ray_session, tiny_set, s3_bucket, tmp_path):
-    """Data, cache, Ray Train checkpoints and the OOF embedding run all on the S3 endpoint."""
-    from ichd_ray.io import storage
-    from ichd_ray.training.embed import embed_fold
-    from ichd_ray.training.cnn import train_cnn_fold
-    from ichd_ray.training.keys import training_keys
-    from ichd_ray.training.data import build_cache, prepare_training_set
-    from ichd_ray.dicom.windowing import DEFAULT_NORMALIZATION, DEFAULT_WINDOWS
-
-    root, data = tiny_set
-    bucket, config = s3_bucket
-    archive = f"s3://{bucket}/archive"
-    for path in data.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(f"{archive}/{path.relative_to(data).as_posix()}", path.read_bytes(), config)
-    work = f"s3://{bucket}/work"
-    cfg = load_train_config("demo", _config(tmp_path, {"cnn": {"epochs": 1}}))
-    ts = prepare_training_set(archive, f"{archive}/labels.csv", work, folds=2, fold_seed=0, index_config=cfg.index, storage_config=config)
-    studies, failures = build_cache(ts, work, size=32, windows=[w.to_dict() for w in DEFAULT_WINDOWS], studies_per_task=4,
-                                    cpus_per_task=1.0, storage_config=config)
-    keys = training_keys(cfg, manifest_sha256=ts.manifest_sha256, folds_sha256=ts.folds_sha256)
-    assert not failures and all(s["cache_uri"].startswith(f"s3://{bucket}/work/cache/32-{keys['cache'].short}/") for s in studies)
-    key = keys["cnn"][1]
-    summary = train_cnn_fold(studies, 1, cfg, work, key=key.key, normalization=DEFAULT_NORMALIZATION.to_dict(), storage_config=config)
-    assert summary["weights_uri"] == f"{work}/cnn/fold1-{key.short}.safetensors" and storage.exists(summary["weights_uri"], config)
-    assert storage.list_files(f"{work}/ray_train/cnn-fold1-{key.short}", suffix="/state.json", config=config)  # checkpoints on S3
-    emb = embed_fold(ts, 1, cfg, work, summary["weights_uri"], key=keys["embeddings"][1].key, storage_config=config)
-    used = ts.manifest[ts.manifest["fold"] == 1]
-    assert set(emb["sop_uid"]) == set(used["sop_uid"])
 
 
 # ------------------------------------------------------------------ keyed artifacts and reproducibility
