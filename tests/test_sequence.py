@@ -18,12 +18,6 @@ from ichd_ray.models import (
 
 pytestmark = pytest.mark.timeout(120)
 
-BACKBONE = "test_resnet"  # timm's tiny test net: 96-d embeddings, fast on CPU
-
-
-def _pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
 def _seq_inputs(lengths: list[int], total: int, dim: int, seed: int = 0, pad_value: float = 0.0):

@@ -23,22 +23,6 @@ def _pixels(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-def _seq_inputs(lengths: list[int], total: int, dim: int, seed: int = 0, pad_value: float = 0.0):
-    """Random padded sequence inputs; padding filled with ``pad_value`` (NaN tests robustness)."""
-    g = torch.Generator().manual_seed(seed)
-    b = len(lengths)
-    emb = torch.randn(b, total, dim, generator=g)
-    logits = torch.randn(b, total, len(CLASSES), generator=g)
-    dz = 5.0 + 0.1 * torch.randn(b, total, generator=g)
-    dz[:, 0] = 0.0
-    mask = torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
-    pad = ~mask
-    emb[pad] = pad_value
-    logits[pad] = pad_value
-    dz[pad] = pad_value
-    return emb, logits, dz, mask
-
-
 # ---------------------------------------------------------------------------------------------
 # SliceCNN
 # ---------------------------------------------------------------------------------------------
