@@ -166,11 +166,8 @@ class CnnSection(_TrainLoop):
         return name
 
 
-#: Recurrent layers a sequence model may use (the classes: ichd_ray.models.sequence.RNN_TYPES; the model's
-#: hyper-parameters from this section: ichd_ray.models.sequence.sequence_config).
-RNN_NAMES = ("gru", "lstm")
-
-
+# `rnn` names a class of ichd_ray.models.sequence.RNN_TYPES; the model's hyper-parameters from this
+# section: ichd_ray.models.sequence.sequence_config.
 class SequenceSection(_TrainLoop):
     rnn: Literal["gru", "lstm"] = Field("gru", description="1st-place model 1: BiGRU + skip head")
     hidden: int = Field(96, ge=1)
