@@ -41,7 +41,6 @@ def main() -> None:
     os.environ.setdefault("ICHD_PATIENT_SALT", "bench-salt")
     for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ.setdefault(key, value)
-    import pandas as pd
     import ray
     from moto.server import ThreadedMotoServer
 

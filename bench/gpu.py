@@ -4,7 +4,10 @@ The CUDA code of the project (bf16 autocast, channels-last, pinned host memory, 
 machine, which may have torch and timm but not Ray, pydicom or pyarrow. So the pixels are prepared
 on a CPU machine and carried over, and this script imports nothing but torch, timm, numpy, safetensors
 and the model modules of ``ichd_ray`` (``ichd_ray.io.storage`` is replaced by a stub where pyarrow is
-missing: nothing here touches storage)::
+missing: nothing here touches storage). The bundle and sequence configs are pydantic models; where the
+GPU image lacks pydantic, ``make gpu-wheels`` downloads its wheels (CPython 3.12, manylinux) into
+``.whl/``, to carry over and install with ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl``
+and ``PYTHONPATH=/tmp/site``::
 
     # on the CPU machine (pydicom there: synthetic DICOM slices through ichd_ray.dicom.preprocess; else random)
     python bench/gpu.py --prepare bench_batches --size 512

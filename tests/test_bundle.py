@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -86,19 +85,19 @@ def test_config_json_round_trip():
     "change, message",
     [
         ({"sequence": {"proj_dims": [16, 8], "hidden": 8, "num_layers": 2, "rnn": "transformer", "dropout": 0.1}},
-         r"sequence: rnn must be one of \['gru', 'lstm'\], got 'transformer'"),
-        ({"thresholds": {**{c: 0.5 for c in CLASSES}, "any": 1.0}}, r"thresholds\['any'\] must be a number in \(0, 1\)"),
-        ({"thresholds": {c: 0.5 for c in CLASSES if c != "subdural"}}, r"thresholds: missing class\(es\) \['subdural'\]"),
-        ({"classes": list(CLASSES[:-1])}, r"classes must be .* missing \['any'\]"),
-        ({"backbone": "no_such_net"}, "backbone 'no_such_net' is not a timm model"),
-        ({"folds": 0}, "folds must be a positive int"),
-        ({"input_size": "256"}, "input_size must be a positive int"),
-        ({"windows": [{"name": "brain", "level": 40, "width": 0}] * 3}, r"windows\[0\]: .*width must be > 0"),
-        ({"normalization": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}, "normalization.std must be > 0"),
-        ({"weights": {"cnn_fold5.safetensors": "0" * 64}}, "unexpected file 'cnn_fold5.safetensors'"),
-        ({"weights": {"cnn_fold0.safetensors": "xyz"}}, "must be a lowercase hex sha256"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
-        ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+         r"sequence.rnn: expected one of \['gru', 'lstm'\], got 'transformer'"),
+        ({"thresholds": {**{c: 0.5 for c in CLASSES}, "any": 1.0}}, r"thresholds: each must be in \(0, 1\), not so for \['any'\]"),
+        ({"thresholds": {c: 0.5 for c in CLASSES if c != "subdural"}}, r"thresholds: need one per class of .*: missing \['subdural'\]"),
+        ({"classes": list(CLASSES[:-1])}, r"classes: expected .* in this order .*: missing \['any'\]"),
+        ({"backbone": "no_such_net"}, r"backbone: not a timm model .*, got 'no_such_net'"),
+        ({"folds": 0}, "folds: expected an integer >= 1, got 0"),
+        ({"input_size": "256"}, "input_size: expected an integer, got '256'"),
+        ({"windows": [{"name": "brain", "level": 40, "width": 0}] * 3}, r"windows.0.width: expected a number > 0.0, got 0"),
+        ({"normalization": {"mean": [0.5] * 3, "std": [0.2, 0.0, 0.2]}}, r"normalization.std: expected a list of numbers > 0.0, got 0.0"),
+        ({"weights": {"cnn_fold5.safetensors": "0" * 64}}, "weights: unexpected file 'cnn_fold5.safetensors'; with folds=2 allowed"),
+        ({"weights": {"cnn_fold0.safetensors": "xyz"}}, "weights: cnn_fold0.safetensors: expected a lowercase hex sha256"),
+        ({"format_version": 2}, r"format_version: expected one of \[1\], got 2"),
+        ({"colour": "red"}, r"unknown field\(s\) \['colour'\]; allowed: \['backbone',"),
     ],
 )
 def test_config_validation_names_the_field(change, message):
@@ -158,11 +157,11 @@ def test_save_refuses_to_overwrite_and_mismatched_models(tmp_path):
 
     with pytest.raises(BundleError, match="needs 2 CNNs"):
         save_bundle(str(tmp_path / "c"), config, cnns[:1], seqs[:1])
-    other = dataclasses.replace(config, sequence=dataclasses.replace(SEQ, rnn="lstm"))
+    other = config.replace(sequence=SEQ.model_copy(update={"rnn": "lstm"}))
     with pytest.raises(BundleError, match="fold 0: model sequence"):
         save_bundle(str(tmp_path / "d"), other, cnns, seqs)
     with pytest.raises(BundleError, match="fold 0: model normalization"):
-        save_bundle(str(tmp_path / "e"), dataclasses.replace(config, normalization=Normalization((0.5,) * 3, (0.5,) * 3)), cnns, seqs)
+        save_bundle(str(tmp_path / "e"), config.replace(normalization=Normalization((0.5,) * 3, (0.5,) * 3)), cnns, seqs)
 
 
 def test_load_detects_tampering_and_missing_files(tmp_path):
@@ -195,18 +194,18 @@ def test_preprocessing_this_code_cannot_do_is_refused():
     """Scoring applies the bundle's preprocessing exactly (test_score), so anything else is refused."""
     config = _config(folds=1)
     assert config.preprocessing["rsna_fix"] is True and config.preprocessing["resize"] == "area"
-    assert dataclasses.replace(config, preprocessing={**config.preprocessing, "rsna_fix": False}).preprocessing["rsna_fix"] is False
+    assert config.replace(preprocessing={**config.preprocessing, "rsna_fix": False}).preprocessing["rsna_fix"] is False
     for change, message in (
-        ({"resize": "bilinear"}, r"preprocessing.resize: 'bilinear' is not supported; this code does \['area'\]"),
-        ({"rsna_fix": 1}, "preprocessing.rsna_fix: 1 is not supported"),
-        ({"pixel_dtype": "float16"}, "preprocessing.pixel_dtype"),
-        ({"crop": "head"}, "preprocessing.crop: unknown setting"),
+        ({"resize": "bilinear"}, r"preprocessing: resize: 'bilinear' is not supported; this code does \['area'\]"),
+        ({"rsna_fix": 1}, "preprocessing: rsna_fix: 1 is not supported"),
+        ({"pixel_dtype": "float16"}, "preprocessing: pixel_dtype"),
+        ({"crop": "head"}, "preprocessing: crop: unknown setting"),
     ):
         with pytest.raises(BundleError, match=message):
-            dataclasses.replace(config, preprocessing={**config.preprocessing, **change})
+            config.replace(preprocessing={**config.preprocessing, **change})
     partial = {k: v for k, v in config.preprocessing.items() if k != "rsna_fix"}
-    with pytest.raises(BundleError, match=r"preprocessing is missing \['rsna_fix'\]"):
-        dataclasses.replace(config, preprocessing=partial)
+    with pytest.raises(BundleError, match=r"preprocessing: missing \['rsna_fix'\]"):
+        config.replace(preprocessing=partial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +252,7 @@ def test_init_bundle_from_local_pretrained_weights(tmp_path):
 def test_init_bundle_rejects_bad_arguments(tmp_path):
     with pytest.raises(BundleError, match="not a timm model"):
         init_bundle(str(tmp_path / "x"), "no_such_net")
-    with pytest.raises(BundleError, match="folds must be a positive int"):
+    with pytest.raises(BundleError, match="folds: expected an integer >= 1, got 0"):
         init_bundle(str(tmp_path / "x"), BACKBONE, folds=0)
-    with pytest.raises(BundleError, match="sequence: rnn must be one of"):
+    with pytest.raises(BundleError, match=r"sequence.rnn: expected one of \['gru', 'lstm'\], got 'tcn'"):
         init_bundle(str(tmp_path / "x"), BACKBONE, sequence={"rnn": "tcn"})

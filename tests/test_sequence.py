@@ -61,12 +61,17 @@ def test_sequence_registry_and_config():
     model = SequenceModel(24, proj_dims=(16,), hidden=4, rnn="lstm")
     assert model.config == SequenceConfig(proj_dims=(16,), hidden=4, rnn="lstm")
     assert SequenceModel.from_config(24, model.config).config == model.config
-    with pytest.raises(ValueError, match=r"rnn must be one of \['gru', 'lstm'\], got 'transformer'"):
-        SequenceConfig(rnn="transformer")
-    with pytest.raises(ValueError, match="dropout"):
-        SequenceConfig(dropout=1.0)
-    with pytest.raises(ValueError, match="proj_dims"):
-        SequenceConfig(proj_dims=())
+    assert SequenceConfig.from_dict({"proj_dims": [16], "hidden": 4, "rnn": "lstm"}) == model.config
+    with pytest.raises(ValueError, match=r"^rnn: expected one of \['gru', 'lstm'\], got 'transformer'$"):
+        SequenceConfig.from_dict({"rnn": "transformer"})
+    with pytest.raises(ValueError, match=r"^dropout: expected a number < 1.0, got 1.0$"):
+        SequenceConfig.from_dict({"dropout": 1.0})
+    with pytest.raises(ValueError, match=r"^proj_dims: expected a list of integers with at least 1 item"):
+        SequenceConfig.from_dict({"proj_dims": []})
+    with pytest.raises(ValueError, match=r"^hidden: expected an integer, got True$"):
+        SequenceConfig.from_dict({"hidden": True})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['layers'\]"):
+        SequenceConfig.from_dict({"layers": 3})
 
 
 @pytest.mark.parametrize("rnn", ["gru", "lstm"])

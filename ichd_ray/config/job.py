@@ -204,6 +204,12 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: str = "",
         if error["type"] == "extra_forbidden":
             unknown.setdefault(loc[:-1], []).append(loc[-1])
             continue
+        if error["type"] == "value_error" and isinstance(error.get("ctx", {}).get("error"), ConfigError):
+            lines.append(str(error["ctx"]["error"]))  # a nested section's own error, already dotted
+            continue
+        if error["type"] == "missing":
+            lines.append(f"{'.'.join(loc)}: required")
+            continue
         annotation = _annotation_at(model, loc[len(prefix):])
         lines.append(f"{'.'.join(loc) or 'config'}: {_describe(error, annotation)}, got {error['input']!r}")
     for parent, names in unknown.items():

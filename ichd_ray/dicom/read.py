@@ -43,6 +43,11 @@ HU = stored x RescaleSlope + RescaleIntercept. The RSNA fix: some 12-bit unsigne
 RescaleIntercept > -100 although their values were written as ``HU mod 4096`` (air wraps to ~3000);
 for those, ``x = stored + 1000; x[x >= 4096] -= 4096; intercept = -1000`` restores HU. It originated in
 a widely used RSNA 2019 Kaggle kernel and is applied by default (``rsna_fix=False`` turns it off).
+
+Why one module of ~1,050 lines: every check runs on the same single parse of one file, in the order of
+:data:`REJECT_REASONS`; the header rule, locating the pixel data, walking encapsulated fragments and the
+codestream checks share that state and each other's helpers. Split by step, one rule book would be spread
+over files that all import each other's private names.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ class without positives, becomes ``null``).
 
 Predictions are read through the DuckDB views (:func:`ichd_ray.io.results.connect`), which only show the
 attempt a ``runs`` object commits, so a crashed or in-flight attempt is never evaluated.
+
+Why one module of ~590 lines: the slice, study and patient levels are computed from one joined
+table with one set of thresholds and their provenance; the metric functions themselves live in
+:mod:`ichd_ray.evaluation.metrics`.
 """
 
 from __future__ import annotations

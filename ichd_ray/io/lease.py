@@ -34,6 +34,10 @@ write was ours, so acquire, renew and release stay idempotent under retries.
 Expiry compares the reader's clock with the writer's ``expires_at``, so hosts need roughly synchronised
 clocks (NTP); keep ``ttl`` far above any skew. A lease whose body cannot be parsed counts as expired
 (with a warning), so a truncated or corrupt object cannot block runs forever.
+
+Why one module of ~1,000 lines: it is one protocol, a compare-and-swap state machine (acquire, renew,
+take over, release) on two backends that must behave identically, plus the holder-liveness checks that
+only the protocol uses; reading it in one place is how its guarantees are reviewed.
 """
 
 from __future__ import annotations

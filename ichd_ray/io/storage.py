@@ -26,6 +26,10 @@ Local writes are atomic: :func:`write_bytes` writes a temporary file in the targ
 it into place with ``os.replace``, so readers never see a half-written file, as with S3 where an object
 only appears once its upload completes. The temporary files end in :data:`TEMP_SUFFIX` and are skipped
 by :func:`list_files`.
+
+Why one module of ~900 lines: it is the project's single door to storage; the local and S3 backends
+share the URI rules, atomic-write and retry policy and the error mapping that callers rely on being
+the same on both.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ plus thresholds, training metadata and the sha256 of every weights file. Weights
 ``config.json`` last, so a reader that sees the config sees complete weights; the loader verifies each
 file's sha256 against the config, so the sha256 of ``config.json`` (``LoadedBundle.bundle_sha256``) pins
 the whole bundle. Weights are safetensors only: no pickles are ever read.
+
+Why one module of ~650 lines: the bundle is a file format; its schema (:class:`BundleConfig`), the
+writer, the verifying reader and the untrained-bundle builder change together when the format does.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import os
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import safetensors.torch
 import timm
 import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from ichd_ray import CLASSES
+from ichd_ray.config.job import Section, config_error, validate_config
 
 from ichd_ray.io import storage
 from ichd_ray.models.sequence import SequenceConfig, SequenceModel
@@ -78,23 +83,6 @@ SUPPORTED_PREPROCESSING: dict[str, tuple[Any, ...]] = {
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_CONFIG_KEYS = (
-    "format_version",
-    "version_id",
-    "created_at",
-    "backbone",
-    "input_size",
-    "windows",
-    "normalization",
-    "embed_dim",
-    "classes",
-    "folds",
-    "sequence",
-    "thresholds",
-    "preprocessing",
-    "training",
-    "weights",
-)
 #: Keys a config.json may lack (bundles written before they existed); absent means None.
 _OPTIONAL_CONFIG_KEYS = ("slice_thresholds",)
 
@@ -124,21 +112,41 @@ def new_version_id(backbone: str, now: datetime | None = None) -> str:
     return f"{name}-{stamp}-{secrets.token_hex(4)}"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
-class BundleConfig:
-    """Contents of a bundle's ``config.json``, validated on construction.
+def _windows(value: Any) -> Any:
+    """``{name, level, width}`` mappings (config.json) become :class:`WindowSpec`; instances pass."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected a list of {name, level, width}")
+    return tuple(w if isinstance(w, WindowSpec) else WindowSpec(**validate_config(_WindowFields, w, prefix=("windows", str(i))).model_dump())
+                 for i, w in enumerate(value))
+
+
+def _normalization(value: Any) -> Any:
+    if isinstance(value, Normalization):
+        value = value.to_dict()
+    return Normalization(**validate_config(_NormalizationFields, value, prefix=("normalization",)).model_dump())
+
+
+class _WindowFields(Section):
+    name: StrictStr
+    level: float
+    width: float = Field(gt=0)
+
+
+class _NormalizationFields(Section):
+    mean: Annotated[tuple[float, float, float], Field(strict=False)]
+    std: Annotated[tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]], Field(strict=False)]
+
+
+Thresholds = dict[str, float]
+
+
+class BundleConfig(BaseModel):
+    """Contents of a bundle's ``config.json``, validated on construction (strict types, unknown keys
+    refused; an error names the field, its value and what is allowed).
 
     Args:
         backbone: timm model name of the CNNs.
@@ -165,145 +173,154 @@ class BundleConfig:
         BundleError: A field is invalid; the message names it and what is allowed.
     """
 
-    backbone: str
-    embed_dim: int
-    input_size: int = 256
-    folds: int = 1
-    windows: tuple[WindowSpec, ...] = DEFAULT_WINDOWS
-    normalization: Normalization = DEFAULT_NORMALIZATION
-    classes: tuple[str, ...] = CLASSES
-    sequence: SequenceConfig = field(default_factory=SequenceConfig)
-    thresholds: Mapping[str, float] | None = None
-    slice_thresholds: Mapping[str, float] | None = None
-    weights: Mapping[str, str] = field(default_factory=dict)
-    training: Mapping[str, Any] = field(default_factory=dict)
-    preprocessing: Mapping[str, Any] | None = None
-    version_id: str = ""
+    # validate_default: the None defaults of thresholds and preprocessing are filled in like given ones.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+    # Field order is config.json's key order (to_dict), and validation order: folds before weights.
+    format_version: Literal[1] = FORMAT_VERSION
+    version_id: str = Field("", pattern=_VERSION_RE.pattern)
     created_at: str = ""
-    format_version: int = FORMAT_VERSION
+    backbone: StrictStr
+    input_size: int = Field(256, ge=1)
+    windows: Annotated[tuple[WindowSpec, ...], BeforeValidator(_windows)] = DEFAULT_WINDOWS
+    normalization: Annotated[Normalization, BeforeValidator(_normalization)] = DEFAULT_NORMALIZATION
+    embed_dim: int = Field(ge=1)
+    classes: Annotated[tuple[StrictStr, ...], Field(strict=False)] = CLASSES
+    folds: int = Field(1, ge=1)
+    sequence: SequenceConfig = SequenceConfig()
+    thresholds: Thresholds | None = None
+    slice_thresholds: Thresholds | None = None
+    preprocessing: dict[str, Any] | None = None
+    training: dict[str, Any] = {}
+    weights: dict[str, str] = {}
 
-    def __post_init__(self) -> None:
-        def fix(name: str, value: Any) -> None:
-            object.__setattr__(self, name, value)
-
-        if self.format_version != FORMAT_VERSION:
-            raise BundleError(f"format_version {self.format_version!r} is not supported; this code reads {FORMAT_VERSION}")
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise BundleError(f"backbone must be a timm model name, got {self.backbone!r}")
-        if not timm.is_model(self.backbone):
-            raise BundleError(f"backbone {self.backbone!r} is not a timm model (see timm.list_models())")
-        for name in ("embed_dim", "input_size", "folds"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise BundleError(f"{name} must be a positive int, got {value!r}")
-
-        windows = tuple(self.windows)
-        if len(windows) != 3 or not all(isinstance(w, (WindowSpec, Mapping)) for w in windows):
-            raise BundleError(f"windows must be 3 windows (one per input channel), got {windows!r}")
+    def __init__(self, **data: Any) -> None:
         try:
-            windows = tuple(WindowSpec(*_window_key(w)) for w in windows)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"windows: each needs name, level and width (> 0): {exc}") from None
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise BundleError(str(config_error(exc, type(self)))) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _identity(cls, data: Any) -> Any:
+        """An empty version_id / created_at means a new one / now."""
+        if isinstance(data, dict):
+            backbone = data.get("backbone")
+            if not data.get("version_id"):
+                data = {**data, "version_id": new_version_id(backbone if isinstance(backbone, str) else "model")}
+            if not data.get("created_at"):
+                data = {**data, "created_at": _utc_now().isoformat().replace("+00:00", "Z")}
+        return data
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso_time(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("expected an ISO 8601 time") from None
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _timm_model(cls, value: str) -> str:
+        if not timm.is_model(value):
+            raise ValueError("not a timm model (see timm.list_models())")
+        return value
+
+    @field_validator("windows")
+    @classmethod
+    def _three_windows(cls, windows: tuple[WindowSpec, ...]) -> tuple[WindowSpec, ...]:
         names = [w.name for w in windows]
-        if len(set(names)) != len(names):
-            raise BundleError(f"windows must have distinct names, got {names}")
-        fix("windows", windows)
+        if len(windows) != 3:
+            raise ValueError("expected 3 windows (one per input channel)")
+        if len(set(names)) != 3:
+            raise ValueError(f"expected distinct names, got {names}")
+        return windows
 
-        norm = self.normalization
-        if isinstance(norm, Mapping) and set(norm) == {"mean", "std"}:
-            norm = Normalization(tuple(norm["mean"]), tuple(norm["std"]))
-        if not isinstance(norm, Normalization):
-            raise BundleError(f"normalization must be a Normalization or {{mean, std}}, got {norm!r}")
-        if len(norm.mean) != 3 or len(norm.std) != 3 or not all(_is_number(v) for v in (*norm.mean, *norm.std)):
-            raise BundleError(f"normalization.mean and .std need 3 numbers each, got {norm.mean!r}, {norm.std!r}")
-        if not all(s > 0 for s in norm.std):
-            raise BundleError(f"normalization.std must be > 0, got {norm.std!r}")
-        fix("normalization", Normalization(tuple(map(float, norm.mean)), tuple(map(float, norm.std))))
-
-        classes = tuple(self.classes)
+    @field_validator("classes")
+    @classmethod
+    def _model_outputs(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
         if classes != CLASSES:
             missing = [c for c in CLASSES if c not in classes]
             extra = [c for c in classes if c not in CLASSES]
             detail = f"missing {missing}" if missing else f"unknown {extra}" if extra else "wrong order"
-            raise BundleError(f"classes must be {list(CLASSES)} in this order (the models' outputs), got {list(classes)}: {detail}")
-        fix("classes", classes)
+            raise ValueError(f"expected {list(CLASSES)} in this order (the models' outputs): {detail}")
+        return classes
 
-        if not isinstance(self.sequence, SequenceConfig):
-            raise BundleError(f"sequence must be a SequenceConfig, got {type(self.sequence).__name__}")
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _half_each(cls, value: Any) -> Any:
+        return {c: 0.5 for c in CLASSES} if value is None else value
 
-        thresholds = {c: 0.5 for c in CLASSES} if self.thresholds is None else self.thresholds
-        fix("thresholds", _check_thresholds("thresholds", thresholds))
-        if self.slice_thresholds is not None:
-            fix("slice_thresholds", _check_thresholds("slice_thresholds", self.slice_thresholds))
+    @field_validator("thresholds", "slice_thresholds")
+    @classmethod
+    def _one_per_class(cls, thresholds: Thresholds | None) -> Thresholds | None:
+        if thresholds is None:
+            return None
+        missing = [c for c in CLASSES if c not in thresholds]
+        extra = sorted(set(thresholds) - set(CLASSES))
+        if missing or extra:
+            raise ValueError(f"need one per class of {list(CLASSES)}: " + (f"missing {missing}" if missing else f"unknown {extra}"))
+        outside = [c for c in CLASSES if not 0.0 < thresholds[c] < 1.0]
+        if outside:
+            raise ValueError(f"each must be in (0, 1), not so for {outside}")
+        return {c: float(thresholds[c]) for c in CLASSES}
 
-        weights = dict(self.weights)
-        allowed = set(self.expected_files)
-        for name, digest in weights.items():
-            if name not in allowed:
-                raise BundleError(f"weights: unexpected file {name!r}; with folds={self.folds} allowed: {self.expected_files}")
-            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-                raise BundleError(f"weights[{name!r}] must be a lowercase hex sha256, got {digest!r}")
-        fix("weights", {name: weights[name] for name in self.expected_files if name in weights})
+    @field_validator("preprocessing", mode="before")
+    @classmethod
+    def _default_preprocessing(cls, value: Any) -> Any:
+        return dict(DEFAULT_PREPROCESSING) if value is None else value
 
-        for name, default in (("training", {}), ("preprocessing", DEFAULT_PREPROCESSING)):
-            value = getattr(self, name)
-            value = dict(default) if value is None else value
-            if not isinstance(value, Mapping):
-                raise BundleError(f"{name} must be a mapping, got {type(value).__name__}")
-            try:
-                # A JSON round trip validates and deep-copies: later edits to the caller's dict don't leak in.
-                fix(name, json.loads(json.dumps(dict(value), allow_nan=False)))
-            except (TypeError, ValueError) as exc:
-                raise BundleError(f"{name} must be JSON-serialisable: {exc}") from None
-        for key, value in self.preprocessing.items():
+    @field_validator("preprocessing")
+    @classmethod
+    def _supported_preprocessing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, setting in value.items():
             allowed = SUPPORTED_PREPROCESSING.get(key)
             if allowed is None:
-                raise BundleError(f"preprocessing.{key}: unknown setting; known: {sorted(SUPPORTED_PREPROCESSING)}")
+                raise ValueError(f"{key}: unknown setting; known: {sorted(SUPPORTED_PREPROCESSING)}")
             # `is` for booleans: 1 == True would let a number through
-            if not any(value is a if isinstance(a, bool) else value == a for a in allowed):
-                raise BundleError(f"preprocessing.{key}: {value!r} is not supported; this code does {list(allowed)}")
-        missing = sorted(set(SUPPORTED_PREPROCESSING) - set(self.preprocessing))
+            if not any(setting is a if isinstance(a, bool) else setting == a for a in allowed):
+                raise ValueError(f"{key}: {setting!r} is not supported; this code does {list(allowed)}")
+        missing = sorted(set(SUPPORTED_PREPROCESSING) - set(value))
         if missing:  # what the weights were trained with is not known: refuse rather than guess
-            raise BundleError(f"preprocessing is missing {missing}; a bundle records every one of {sorted(SUPPORTED_PREPROCESSING)}")
+            raise ValueError(f"missing {missing}; a bundle records every one of {sorted(SUPPORTED_PREPROCESSING)}")
+        return _json_copy(value)
 
-        if not self.version_id:
-            fix("version_id", new_version_id(self.backbone))
-        elif not isinstance(self.version_id, str) or not _VERSION_RE.match(self.version_id):
-            raise BundleError(f"version_id must match {_VERSION_RE.pattern}, got {self.version_id!r}")
-        if not self.created_at:
-            fix("created_at", _utc_now().isoformat().replace("+00:00", "Z"))
-        else:
-            try:
-                datetime.fromisoformat(self.created_at)
-            except (TypeError, ValueError):
-                raise BundleError(f"created_at must be an ISO 8601 time, got {self.created_at!r}") from None
+    @field_validator("training")
+    @classmethod
+    def _json_training(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _json_copy(value)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_of_these_folds(cls, weights: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        folds = info.data.get("folds")
+        if folds is None:  # folds itself is invalid: that error is the one to read
+            return weights
+        allowed = _expected_files(folds)
+        for name, digest in weights.items():
+            if name not in allowed:
+                raise ValueError(f"unexpected file {name!r}; with folds={folds} allowed: {allowed}")
+            if not _SHA256_RE.match(digest):
+                raise ValueError(f"{name}: expected a lowercase hex sha256")
+        return {name: weights[name] for name in allowed if name in weights}
 
     @property
     def expected_files(self) -> list[str]:
         """The weights filenames a complete bundle with this many folds holds."""
-        return [name for k in range(self.folds) for name in (cnn_filename(k), seq_filename(k))]
+        return _expected_files(self.folds)
+
+    def replace(self, **changes: Any) -> BundleConfig:
+        """A copy with ``changes`` applied, validated like a new one."""
+        return type(self)(**{**dict(self), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form written to ``config.json``."""
-        return {
-            "format_version": self.format_version,
-            "version_id": self.version_id,
-            "created_at": self.created_at,
-            "backbone": self.backbone,
-            "input_size": self.input_size,
-            "windows": [w.to_dict() for w in self.windows],
-            "normalization": self.normalization.to_dict(),
-            "embed_dim": self.embed_dim,
-            "classes": list(self.classes),
-            "folds": self.folds,
-            "sequence": self.sequence.to_dict(),
-            "thresholds": dict(self.thresholds),
-            # Only when recorded, so a bundle without them keeps the config.json it always had.
-            **({} if self.slice_thresholds is None else {"slice_thresholds": dict(self.slice_thresholds)}),
-            "preprocessing": dict(self.preprocessing),
-            "training": dict(self.training),
-            "weights": dict(self.weights),
-        }
+        data = self.model_dump(mode="json")
+        if data["slice_thresholds"] is None:  # only when recorded: older bundles keep their config.json
+            del data["slice_thresholds"]
+        return data
 
     def to_json(self) -> bytes:
         """``config.json`` bytes (UTF-8, indented, stable key order)."""
@@ -319,74 +336,10 @@ class BundleConfig:
         """
         if not isinstance(data, Mapping):
             raise BundleError(f"config must be a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(f"format_version {version!r} is not supported; this code reads {FORMAT_VERSION}")
-        missing = [k for k in _CONFIG_KEYS if k not in data]
+        missing = [k for k in cls.model_fields if k not in data and k not in _OPTIONAL_CONFIG_KEYS]
         if missing:
             raise BundleError(f"config is missing key(s) {missing}")
-        unknown = sorted(set(data) - set(_CONFIG_KEYS) - set(_OPTIONAL_CONFIG_KEYS))
-        if unknown:
-            raise BundleError(f"config has unknown key(s) {unknown}; allowed: {[*_CONFIG_KEYS, *_OPTIONAL_CONFIG_KEYS]}")
-
-        items = data["windows"]
-        if not isinstance(items, list):
-            raise BundleError(f"windows must be a list of {{name, level, width}}, got {items!r}")
-        windows = []
-        for i, item in enumerate(items):
-            if not isinstance(item, Mapping) or set(item) != {"name", "level", "width"}:
-                raise BundleError(f"windows[{i}] must have exactly the keys name, level, width, got {item!r}")
-            if not isinstance(item["name"], str) or not _is_number(item["level"]) or not _is_number(item["width"]):
-                raise BundleError(f"windows[{i}]: name must be a string, level and width numbers, got {item!r}")
-            try:
-                windows.append(WindowSpec(item["name"], float(item["level"]), float(item["width"])))
-            except ValueError as exc:
-                raise BundleError(f"windows[{i}]: {exc}") from None
-
-        norm = data["normalization"]
-        if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
-            raise BundleError(f"normalization must be {{mean: [3 numbers], std: [3 numbers]}}, got {norm!r}")
-        if not isinstance(norm["mean"], list) or not isinstance(norm["std"], list):
-            raise BundleError(f"normalization.mean and .std must be lists, got {norm!r}")
-
-        seq = data["sequence"]
-        if not isinstance(seq, Mapping):
-            raise BundleError(f"sequence must be an object, got {seq!r}")
-        try:
-            sequence = SequenceConfig.from_dict(seq)
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"sequence: {exc}") from None
-
-        for key in ("thresholds", "weights"):
-            if not isinstance(data[key], Mapping):
-                raise BundleError(f"{key} must be an object, got {data[key]!r}")
-        slice_thresholds = data.get("slice_thresholds")
-        if slice_thresholds is not None and not isinstance(slice_thresholds, Mapping):
-            raise BundleError(f"slice_thresholds must be an object, got {slice_thresholds!r}")
-        if not isinstance(data["classes"], list):
-            raise BundleError(f"classes must be a list, got {data['classes']!r}")
-        for key in ("version_id", "created_at"):
-            if not isinstance(data[key], str) or not data[key]:
-                raise BundleError(f"{key} must be a non-empty string, got {data[key]!r}")
-
-        return cls(
-            backbone=data["backbone"],
-            embed_dim=data["embed_dim"],
-            input_size=data["input_size"],
-            folds=data["folds"],
-            windows=tuple(windows),
-            normalization=Normalization(tuple(norm["mean"]), tuple(norm["std"])),
-            classes=tuple(data["classes"]),
-            sequence=sequence,
-            thresholds=data["thresholds"],
-            slice_thresholds=slice_thresholds,
-            weights=data["weights"],
-            training=data["training"],
-            preprocessing=data["preprocessing"],
-            version_id=data["version_id"],
-            created_at=data["created_at"],
-            format_version=version,
-        )
+        return cls(**data)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> BundleConfig:
@@ -408,27 +361,16 @@ class BundleConfig:
         return SequenceModel.from_config(self.embed_dim, self.sequence, len(self.classes))
 
 
-def _check_thresholds(name: str, thresholds: Mapping[str, float]) -> dict[str, float]:
-    """One threshold in (0, 1) per class of :data:`CLASSES`, as floats in class order."""
-    if not isinstance(thresholds, Mapping):
-        raise BundleError(f"{name} must be a mapping of class -> threshold, got {thresholds!r}")
-    missing = [c for c in CLASSES if c not in thresholds]
-    if missing:
-        raise BundleError(f"{name}: missing class(es) {missing}; need one per class of {list(CLASSES)}")
-    extra = sorted(set(thresholds) - set(CLASSES))
-    if extra:
-        raise BundleError(f"{name}: unknown class(es) {extra}; allowed: {list(CLASSES)}")
-    for c in CLASSES:
-        value = thresholds[c]
-        if not _is_number(value) or not 0.0 < value < 1.0:
-            raise BundleError(f"{name}[{c!r}] must be a number in (0, 1), got {value!r}")
-    return {c: float(thresholds[c]) for c in CLASSES}
+def _expected_files(folds: int) -> list[str]:
+    return [name for k in range(folds) for name in (cnn_filename(k), seq_filename(k))]
 
 
-def _window_key(window: WindowSpec | Mapping[str, Any]) -> tuple[str, float, float]:
-    if isinstance(window, WindowSpec):
-        return (window.name, float(window.level), float(window.width))
-    return (str(window["name"]), float(window["level"]), float(window["width"]))
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round trip validates and deep-copies: later edits to the caller's dict don't leak in."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"expected JSON-serialisable values: {exc}") from None
 
 
 @dataclass
@@ -521,7 +463,7 @@ def save_bundle(
             data = _weights_bytes(module, {**meta, "kind": kind})
             storage.write_bytes(storage.join(uri, name), data, storage_config)
             hashes[name] = _sha256(data)
-    final = replace(config, weights=hashes)
+    final = config.replace(weights=hashes)
     storage.write_bytes(config_uri, final.to_json(), storage_config)
     return final
 
@@ -671,19 +613,19 @@ def init_bundle(
     Returns:
         BundleConfig: The config as written.
     """
-    if not _is_int(folds) or folds < 1:
-        raise BundleError(f"folds must be a positive int, got {folds!r}")
-    if not timm.is_model(backbone):
-        raise BundleError(f"backbone {backbone!r} is not a timm model (see timm.list_models())")
-    if sequence is None:
-        seq_config = SequenceConfig()
-    elif isinstance(sequence, SequenceConfig):
-        seq_config = sequence
-    else:
-        try:
-            seq_config = SequenceConfig.from_dict(sequence)
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"sequence: {exc}") from None
+    # Every argument is validated before any model is built; embed_dim is the backbone's, known once built.
+    config = BundleConfig(
+        backbone=backbone,
+        embed_dim=1,
+        input_size=input_size,
+        folds=folds,
+        windows=windows,
+        normalization=normalization,
+        sequence=SequenceConfig() if sequence is None else sequence,
+        thresholds=thresholds,
+        preprocessing={**DEFAULT_PREPROCESSING, **(preprocessing or {})},
+    )
+    seq_config = config.sequence
     meta: dict[str, Any] = {"state": "untrained", "seed": seed}
     if weights_path is not None:
         sha = hashlib.sha256()
@@ -700,20 +642,9 @@ def init_bundle(
         for k in range(folds):
             torch.manual_seed(_derived_seed(seed, "cnn", k))
             cnns.append(
-                SliceCNN(backbone, len(CLASSES), pretrained_path=weights_path, mean=normalization.mean, std=normalization.std)
+                SliceCNN(backbone, len(CLASSES), pretrained_path=weights_path, mean=config.normalization.mean, std=config.normalization.std)
             )
             torch.manual_seed(_derived_seed(seed, "sequence", k))
             seqs.append(SequenceModel.from_config(cnns[0].num_features, seq_config, len(CLASSES)))
-    config = BundleConfig(
-        backbone=backbone,
-        embed_dim=cnns[0].num_features,
-        input_size=input_size,
-        folds=folds,
-        windows=tuple(windows),
-        normalization=normalization,
-        sequence=seq_config,
-        thresholds=thresholds,
-        training=meta,
-        preprocessing={**DEFAULT_PREPROCESSING, **(preprocessing or {})},
-    )
+    config = config.replace(embed_dim=cnns[0].num_features, training=meta)
     return save_bundle(uri, config, cnns, seqs, storage_config, overwrite=overwrite)

@@ -14,15 +14,16 @@ so that even NaN padding is harmless. The mask must be a prefix (real slices fir
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ichd_ray import CLASS_WEIGHTS  # loss weighted like the challenge metric: `any` x2
+from ichd_ray.config.job import Section, validate_config
 
 __all__ = [
     "CLASS_WEIGHTS",
@@ -41,10 +42,10 @@ _DZ_CLIP = 10.0
 
 #: Recurrent layers selectable by ``SequenceConfig.rnn``.
 RNN_TYPES: dict[str, type[nn.RNNBase]] = {"gru": nn.GRU, "lstm": nn.LSTM}
+RnnName = Literal["gru", "lstm"]  # the keys of RNN_TYPES (test_sequence checks they agree)
 
 
-@dataclass(frozen=True)
-class SequenceConfig:
+class SequenceConfig(Section):
     """Hyper-parameters of :class:`SequenceModel` (the ``sequence`` block of a bundle's config).
 
     Args:
@@ -55,51 +56,31 @@ class SequenceConfig:
         dropout: Dropout on the input embedding and between recurrent layers, in [0, 1).
     """
 
-    proj_dims: tuple[int, ...] = (512, 128)
-    hidden: int = 96
-    num_layers: int = 2
-    rnn: str = "gru"
-    dropout: float = 0.3
-
-    def __post_init__(self) -> None:
-        dims = self.proj_dims
-        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
-            raise ValueError(f"proj_dims must be a non-empty list of positive ints, got {dims!r}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-            raise ValueError(f"proj_dims must be a non-empty list of positive ints, got {list(dims)!r}")
-        object.__setattr__(self, "proj_dims", tuple(dims))
-        for name in ("hidden", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.rnn not in RNN_TYPES:
-            raise ValueError(f"rnn must be one of {sorted(RNN_TYPES)}, got {self.rnn!r}")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "dropout", float(self.dropout))
+    proj_dims: Annotated[tuple[Annotated[int, Field(gt=0)], ...], Field(strict=False, min_length=1)] = (512, 128)
+    hidden: int = Field(96, ge=1)
+    num_layers: int = Field(2, ge=1)
+    rnn: RnnName = "gru"
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["proj_dims"] = list(self.proj_dims)
-        return out
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SequenceConfig:
-        """Build from a JSON mapping; unknown keys are an error (they would be silently ignored)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown}; allowed: {sorted(known)}")
-        values = dict(data)
-        if isinstance(values.get("proj_dims"), list):
-            values["proj_dims"] = tuple(values["proj_dims"])
-        return cls(**values)
+        """Build from a JSON mapping; unknown keys are an error (they would be silently ignored).
+
+        Raises:
+            ConfigError: A field is unknown or invalid; the message names it, its value and what is allowed.
+        """
+        return validate_config(cls, dict(data))
 
 
 def sequence_config(section) -> SequenceConfig:
     """The model hyper-parameters of a training config's ``sequence`` section
     (:class:`ichd_ray.config.train.SequenceSection`; the config layer sits below the models)."""
-    return SequenceConfig(tuple(section.proj_dims), section.hidden, section.num_layers, section.rnn, section.dropout)
+    return SequenceConfig(
+        proj_dims=section.proj_dims, hidden=section.hidden, num_layers=section.num_layers, rnn=section.rnn, dropout=section.dropout
+    )
 
 
 class SequenceModel(nn.Module):
@@ -126,7 +107,7 @@ class SequenceModel(nn.Module):
         dropout: float = 0.3,
     ) -> None:
         super().__init__()
-        self.config = SequenceConfig(tuple(proj_dims), hidden, num_layers, rnn, dropout)
+        self.config = SequenceConfig(proj_dims=tuple(proj_dims), hidden=hidden, num_layers=num_layers, rnn=rnn, dropout=dropout)
         if embed_dim < 1 or num_classes < 1:
             raise ValueError(f"embed_dim and num_classes must be positive, got {embed_dim} and {num_classes}")
         self.embed_dim = embed_dim
@@ -160,7 +141,7 @@ class SequenceModel(nn.Module):
     @classmethod
     def from_config(cls, embed_dim: int, config: SequenceConfig, num_classes: int = 6) -> SequenceModel:
         """Build from a :class:`SequenceConfig`."""
-        return cls(embed_dim, num_classes, **asdict(config))
+        return cls(embed_dim, num_classes, **config.model_dump())
 
     def _lengths(self, emb: torch.Tensor, cnn_logits: torch.Tensor, dz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Validate shapes and the prefix mask; return the lengths on the CPU (what packing needs)."""

@@ -13,6 +13,10 @@ the out-of-fold embeddings compose it. Data flow (one row = one study, pixels ne
 
 Every input object ends in exactly one of ``slices`` or ``errors``; a bad file or a failing study is
 recorded and the job goes on. See :mod:`ichd_ray.io.tables` for the commit protocol.
+
+Why one module of ~630 lines: :class:`ScoringRun` is the whole scoring flow (plan, decode, model
+actors, tables, commit, failure policy) that the issue asked to read as one object; its parts are
+used nowhere else.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def seq_train_loop(config: dict[str, Any]) -> None:
     train, val = mine(rows["train"]), mine(rows["val"])
     del rows
     dim = config["embed_dim"]
-    seq_cfg = SequenceConfig(tuple(c["proj_dims"]), c["hidden"], c["num_layers"], c["rnn"], c["dropout"])
+    seq_cfg = SequenceConfig(**{k: c[k] for k in SequenceConfig.model_fields})
     model = SequenceModel.from_config(dim, seq_cfg, _C)
     optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
     start_epoch, history, resumed_from = 0, [], None
