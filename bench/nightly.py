@@ -61,7 +61,7 @@ def main() -> int:
         index_s = time.perf_counter() - t0
         result = nightly(args.archive, bundle, out, job=job, now=now, max_reject_fraction=1.0)
         s = result.summary
-        objects = int((~plan.index["deleted"].astype(bool)).sum())
+        objects = plan.counts["objects"]
         rows.append((label, objects, len(plan.new_objects), index_s, len(plan.plan), s.n_slices_scored, s.seconds, result.seconds))
         print(rows[-1], file=sys.stderr)
 

@@ -11,7 +11,7 @@ import pytest
 from ichd_ray.io import storage
 from ichd_ray.config.job import JobConfig
 from ichd_ray.models.bundle import init_bundle
-from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, diff_listing, nightly, plan_studies
+from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, nightly
 from ichd_ray.io.results import query
 from ichd_ray.synthetic.generate import SynthConfig, generate
 
@@ -36,35 +36,6 @@ def bundles(tmp_path_factory):
 
 def _latest(out, config=None):
     return query(out, "SELECT study_uid, run_id, model_version FROM latest_studies ORDER BY study_uid", config)
-
-
-def test_diff_and_plan_are_pure():
-    previous = pd.DataFrame(
-        [
-            {"uri": "a", "size": 1, "mtime": 1.0, "etag": "x", "study_uid": "s1", "selected": True, "deleted": False},
-            {"uri": "b", "size": 1, "mtime": 1.0, "etag": None, "study_uid": "s1", "selected": True, "deleted": False},
-            {"uri": "c", "size": 1, "mtime": 1.0, "etag": "z", "study_uid": "s2", "selected": True, "deleted": False},
-        ]
-    )
-    listing = [
-        {"uri": "a", "size": 1, "mtime": 5.0, "etag": "x"},  # same etag: unchanged even though mtime moved
-        {"uri": "b", "size": 2, "mtime": 1.0, "etag": None},  # no etag: size changed
-        {"uri": "d", "size": 1, "mtime": 1.0, "etag": "w"},  # new
-    ]
-    unchanged, to_read, deleted = diff_listing(previous, listing)
-    assert unchanged["uri"].tolist() == ["a"]
-    assert [e["uri"] for e in to_read] == ["b", "d"]
-    assert deleted["uri"].tolist() == ["c"] and deleted["deleted"].all()
-
-    index = previous.assign(deleted=[False, False, True])
-    scored = pd.DataFrame([{"study_uid": "s1", "fingerprint": "old", "model_version": "m1"}])
-    plan = plan_studies(index, scored, "m1")
-    assert plan[["study_uid", "reason"]].values.tolist() == [["s1", "changed"]]  # s2 is gone: not planned
-    assert plan_studies(index, scored, "m2")["reason"].tolist() == ["model"]
-    assert plan_studies(index, None, "m1")["reason"].tolist() == ["new"]
-    same = scored.assign(fingerprint=plan["fingerprint"].iloc[0])
-    assert plan_studies(index, same, "m1").empty
-    assert plan_studies(index, same, "m1", full=True)["reason"].tolist() == ["full"]
 
 
 def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatch, capsys):

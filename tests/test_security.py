@@ -432,7 +432,7 @@ def test_patient_salt_never_travels_through_ray(ray_session, tmp_path, monkeypat
     assert not holders, f"the driver's ICHD_PATIENT_SALT reached Ray through: {'; '.join(holders)}"
 
     # PatientIDs are hashed where they are read (in the workers), with the workers' own salt.
-    for table in (manifest, plan.index):
+    for table in (manifest, plan.index.to_pandas()):
         rows = table[table["sop_uid"].isin(list(patients))]
         assert len(rows) >= len(patients)
         for sop, patient_hash in zip(rows["sop_uid"], rows["patient_hash"]):

@@ -21,10 +21,8 @@ Series selection per study (pure function :func:`select_series`, documented rule
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +31,7 @@ import ray
 from ichd_ray.config.job import IndexConfig
 from ichd_ray.dicom.read import DicomError, IncompleteHeader, read_header, slice_normal
 from ichd_ray.io import storage
+from ichd_ray.pipeline import incremental
 
 __all__ = [
     "MANIFEST_SCHEMA",
@@ -74,7 +73,6 @@ MANIFEST_SCHEMA = pa.schema(
         ("slice_index", pa.int32()),
     ]
 )
-_AXIAL_MIN_NORMAL_Z = math.cos(math.radians(35))
 
 
 class EmptyInput(ValueError):
@@ -224,41 +222,9 @@ def read_headers_on_ray(
 
 def select_series(headers: pd.DataFrame, preferred_thickness_mm: float = 5.0) -> pd.DataFrame:
     """Apply the series rule (module docstring); returns the table with ``reason``, ``message``,
-    ``selected`` and ``slice_index`` filled in. Pure: no I/O."""
-    df = headers.copy().sort_values("uri", kind="stable").reset_index(drop=True)
-    df["selected"] = False
-    df["slice_index"] = pd.array([None] * len(df), dtype="Int32")
-    ok = df["reason"].isna()
-
-    dup = ok & df.duplicated(subset=["sop_uid"], keep="first") & df["sop_uid"].notna()
-    first_uri = df[ok & ~dup].drop_duplicates("sop_uid").set_index("sop_uid")["uri"]
-    df.loc[dup, "reason"] = "duplicate"
-    df.loc[dup, "message"] = [f"SOPInstanceUID also in {first_uri.get(s)}" for s in df.loc[dup, "sop_uid"]]
-
-    ok = df["reason"].isna()
-    not_axial = ok & df["normal_z"].notna() & (df["normal_z"] < _AXIAL_MIN_NORMAL_Z)
-    df.loc[not_axial, "reason"] = "other_series"
-    df.loc[not_axial, "message"] = "not an axial series (slice normal more than 35 degrees from z)"
-
-    ok = df["reason"].isna()
-    for study_uid, study in df[ok].groupby("study_uid", sort=True):
-        series_stats = []
-        for series_uid, series in study.groupby("series_uid", sort=True):
-            thickness = series["slice_thickness"].median()
-            distance = abs(thickness - preferred_thickness_mm) if pd.notna(thickness) else math.inf
-            series_stats.append((distance, -len(series), series_uid))
-        chosen = min(series_stats)[2]
-        for _, _, series_uid in series_stats:
-            idx = study.index[study["series_uid"] == series_uid]
-            if series_uid != chosen:
-                df.loc[idx, "reason"] = "other_series"
-                df.loc[idx, "message"] = f"study {study_uid} scored with series {chosen} (rule: thickness nearest {preferred_thickness_mm:g} mm, then most slices)"
-                continue
-            # every accepted slice has a position (the reader rejects one without: bad_header)
-            order = df.loc[idx].sort_values(["position", "instance_number", "sop_uid"], kind="stable", na_position="last")
-            df.loc[order.index, "slice_index"] = np.arange(len(order), dtype=np.int32)
-            df.loc[order.index, "selected"] = True
-    return df
+    ``selected`` and ``slice_index`` filled in, in URI order. Pure: no I/O. The rule itself is one SQL
+    statement (:func:`ichd_ray.pipeline.incremental.select_series`), the same the nightly index runs."""
+    return incremental.select_series(to_arrow(headers), preferred_thickness_mm).to_pandas()
 
 
 def build_manifest(
@@ -275,11 +241,16 @@ def build_manifest(
     return manifest
 
 
-def to_arrow(manifest: pd.DataFrame) -> pa.Table:
+def to_arrow(manifest: pd.DataFrame | pa.Table) -> pa.Table:
+    """The manifest's columns as an Arrow table of :data:`MANIFEST_SCHEMA`."""
+    if isinstance(manifest, pa.Table):
+        return manifest.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    if "selected" not in manifest.columns:  # headers before the series rule
+        manifest = manifest.assign(selected=False, slice_index=None)
     return pa.Table.from_pandas(manifest[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False)
 
 
-def write_manifest(manifest: pd.DataFrame, uri: str, storage_config=None) -> None:
+def write_manifest(manifest: pd.DataFrame | pa.Table, uri: str, storage_config=None) -> None:
     """One Parquet object (written whole, so readers never see a partial manifest)."""
 
     sink = pa.BufferOutputStream()

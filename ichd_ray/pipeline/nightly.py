@@ -19,7 +19,6 @@ runs object is written, so a killed run leaves nothing behind and its studies st
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,16 +36,14 @@ from ichd_ray.io import config_files, storage
 from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
 from ichd_ray.io.results import connect
 from ichd_ray.models.bundle import load_bundle_config
-from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, select_series, write_manifest
+from ichd_ray.pipeline.incremental import LISTING_SCHEMA, diff_listing, plan_studies, select_series
+from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, to_arrow, write_manifest
 from ichd_ray.pipeline.score import ScoringRun
 
 __all__ = [
     "INDEX_SCHEMA",
     "SCORED_TABLE_SCHEMA",
     "NightlyPlan",
-    "diff_listing",
-    "study_fingerprints",
-    "plan_studies",
     "nightly_run_id",
     "nightly",
     "EXIT_LEASE_HELD",
@@ -76,106 +73,6 @@ SCORED_TABLE_SCHEMA = pa.schema(
 )
 
 
-# ------------------------------------------------------------------------------- pure functions
-
-
-def _changed(old: pd.Series, new: dict[str, Any]) -> bool:
-    """An object changed when its ETag differs (both known), else when size or mtime differs."""
-    if old.get("etag") and new.get("etag"):
-        return old["etag"] != new["etag"]
-    return old.get("size") != new.get("size") or not _same_mtime(old.get("mtime"), new.get("mtime"))
-
-
-def _same_mtime(a: Any, b: Any) -> bool:
-    if a is None or b is None or (isinstance(a, float) and np.isnan(a)) or (isinstance(b, float) and np.isnan(b)):
-        return a is None and b is None
-    return abs(float(a) - float(b)) < 1e-6
-
-
-def diff_listing(previous: pd.DataFrame | None, listing: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str, Any]], pd.DataFrame]:
-    """Split today's listing against the last committed index.
-
-    Args:
-        previous: The last committed index (``INDEX_SCHEMA`` columns) or None on the first night.
-        listing: ``{uri, size, mtime, etag}`` per object in the archive now.
-
-    Returns:
-        (unchanged, to_read, deleted): index rows still valid as they are; listing entries that are new
-        or changed (their headers must be read); index rows whose object is gone (marked deleted).
-    """
-    if previous is None or previous.empty:
-        return pd.DataFrame(columns=INDEX_SCHEMA.names), list(listing), pd.DataFrame(columns=INDEX_SCHEMA.names)
-    live = previous[~previous["deleted"].astype(bool)].set_index("uri", drop=False)
-    seen, to_read, unchanged_uris = set(), [], []
-    for entry in listing:
-        uri = entry["uri"]
-        seen.add(uri)
-        if uri in live.index and not _changed(live.loc[uri], entry):
-            unchanged_uris.append(uri)
-        else:
-            to_read.append(entry)
-    unchanged = live.loc[unchanged_uris].reset_index(drop=True)
-    deleted = previous[~previous["uri"].isin(seen)].copy()
-    deleted["deleted"] = True
-    return unchanged, to_read, deleted.reset_index(drop=True)
-
-
-def _text(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-def _number(value: Any, digits: int) -> str:
-    """The same text whether the column came back as int, float or object (a Parquet round trip)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    return f"{float(value):.{digits}f}"
-
-
-def study_fingerprints(index: pd.DataFrame) -> pd.Series:
-    """sha256 per study over its live objects' (uri, etag, size, mtime): any added, removed or replaced
-    object changes it. Deleted rows and objects without a study are ignored."""
-    live = index[~index["deleted"].astype(bool) & index["study_uid"].notna()]
-    out = {}
-    for study_uid, group in live.sort_values("uri").groupby("study_uid", sort=True):
-        text = "\n".join(f"{r.uri}|{_text(r.etag)}|{_number(r.size, 0)}|{_number(r.mtime, 6)}" for r in group.itertuples())
-        out[study_uid] = hashlib.sha256(text.encode()).hexdigest()
-    return pd.Series(out, dtype=object, name="fingerprint")
-
-
-def plan_studies(
-    index: pd.DataFrame, scored: pd.DataFrame | None, model_version: str, full: bool = False
-) -> pd.DataFrame:
-    """The studies to score tonight and why.
-
-    Args:
-        index: Tonight's index (after the series rule).
-        scored: Latest committed ``scored`` row per study (``study_uid``, ``fingerprint``, ``model_version``).
-        model_version: The bundle's version.
-        full: Score every study.
-
-    Returns:
-        DataFrame ``study_uid, fingerprint, reason`` (reason: full | new | model | changed), by study.
-    """
-    selected = index[index["selected"].astype(bool) & ~index["deleted"].astype(bool)]
-    fingerprints = study_fingerprints(index)
-    last = scored.set_index("study_uid") if scored is not None and len(scored) else pd.DataFrame(columns=["fingerprint", "model_version"])
-    rows = []
-    for study_uid in sorted(selected["study_uid"].unique()):
-        fp = fingerprints[study_uid]
-        if full:
-            reason = "full"
-        elif study_uid not in last.index:
-            reason = "new"
-        elif last.loc[study_uid, "model_version"] != model_version:
-            reason = "model"
-        elif last.loc[study_uid, "fingerprint"] != fp:
-            reason = "changed"
-        else:
-            continue
-        rows.append({"study_uid": study_uid, "fingerprint": fp, "reason": reason})
-    return pd.DataFrame(rows, columns=["study_uid", "fingerprint", "reason"])
-
-
 def nightly_run_id(model_version: str, now: dt.datetime | None = None) -> str:
     """``nightly-<UTC date>-<model version>``: the same night and model give the same id."""
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -189,7 +86,7 @@ def nightly_run_id(model_version: str, now: dt.datetime | None = None) -> str:
 class NightlyPlan:
     run_id: str
     model_version: str
-    index: pd.DataFrame
+    index: pa.Table  # INDEX_SCHEMA: every object tonight, deleted ones included
     plan: pd.DataFrame
     new_objects: list[str]
     deleted_objects: int
@@ -200,8 +97,8 @@ class NightlyPlan:
     storage_retries: int = 0  # S3 retries the index stage spent
 
 
-def _read_parquet(uri: str, storage_config) -> pd.DataFrame:
-    return pq.read_table(pa.BufferReader(storage.read_bytes(uri, storage_config))).to_pandas()
+def _read_parquet(uri: str, storage_config) -> pa.Table:
+    return pq.read_table(pa.BufferReader(storage.read_bytes(uri, storage_config)))
 
 
 def _write_parquet(df: pd.DataFrame | pa.Table, uri: str, storage_config, schema: pa.Schema | None = None) -> None:
@@ -211,20 +108,45 @@ def _write_parquet(df: pd.DataFrame | pa.Table, uri: str, storage_config, schema
     storage.write_bytes(uri, sink.getvalue(), storage_config)
 
 
-def _committed(out_uri: str, storage_config) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict | None]:
-    """(last committed index, latest committed scored row per study, newest committed run) from OUT."""
+def _committed(out_uri: str, storage_config) -> tuple[pa.Table, pa.Table | None, dict | None]:
+    """(last committed index, empty on the first night; latest committed scored row per study; newest
+    committed run) from OUT."""
     if not storage.list_files(storage.join(out_uri, "runs"), config=storage_config):
-        return None, None, None
+        return INDEX_SCHEMA.empty_table(), None, None
     con = connect(out_uri, storage_config)
     runs = con.sql("SELECT * FROM runs ORDER BY finished_at DESC").to_arrow_table().to_pandas()
     previous_run = runs.iloc[0].to_dict() if len(runs) else None
-    index = scored = None
+    index, scored = INDEX_SCHEMA.empty_table(), None
     tables = set(con.sql("SELECT table_name FROM information_schema.tables").to_arrow_table().column(0).to_pylist())
     if "latest_index" in tables:
-        index = con.sql("SELECT * EXCLUDE (run_id), run_id FROM latest_index").to_arrow_table().to_pandas()
+        columns = ", ".join(f'"{c}"' for c in INDEX_SCHEMA.names)
+        index = con.sql(f"SELECT {columns} FROM latest_index").to_arrow_table().cast(INDEX_SCHEMA)
     if "latest_scored" in tables:
-        scored = con.sql("SELECT study_uid, fingerprint, model_version FROM latest_scored").to_arrow_table().to_pandas()
+        scored = con.sql("SELECT study_uid, fingerprint, model_version FROM latest_scored").to_arrow_table()
     return index, scored, previous_run
+
+
+def _night_index(live: pa.Table, deleted: pa.Table, run_id: str) -> pa.Table:
+    """Tonight's index: the live objects after the series rule, then the deleted ones, all of this run."""
+    con = duckdb.connect()
+    con.register("live", live)
+    con.register("gone", deleted)
+    return con.sql("""
+        SELECT *, false AS deleted, $run AS run_id FROM live
+        UNION ALL BY NAME SELECT * REPLACE ($run AS run_id) FROM gone""", params={"run": run_id}).to_arrow_table().select(
+        INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+
+
+def _counts(index: pa.Table, plan: pd.DataFrame) -> dict[str, int]:
+    """Objects and studies in the archive tonight, and the slices of the planned studies."""
+    con = duckdb.connect()
+    con.register("idx", index.select(["uri", "study_uid", "selected", "deleted"]))
+    con.register("planned", pa.table({"study_uid": pa.array(plan["study_uid"].tolist(), pa.string())}))
+    objects, studies, slices = con.execute("""
+        SELECT count(*) FILTER (NOT deleted), count(DISTINCT study_uid) FILTER (selected AND NOT deleted),
+               count(*) FILTER (selected AND NOT deleted AND study_uid IN (SELECT study_uid FROM planned))
+        FROM idx""").fetchone()  # execute: a cursor result (relations keep none)
+    return {"objects": objects, "studies": studies, "planned_slices": slices}
 
 
 def make_plan(
@@ -246,27 +168,25 @@ def make_plan(
     plan_prefix = storage.join(out_uri, "plans", f"run_id={run_id}")
     if storage.exists(storage.join(plan_prefix, "plan.parquet"), storage_config):
         # A re-run of this night: the same studies as the first attempt, whatever changed since.
-        index = _read_parquet(storage.join(plan_prefix, "index.parquet"), storage_config)
-        plan = _read_parquet(storage.join(plan_prefix, "plan.parquet"), storage_config)
+        index = _read_parquet(storage.join(plan_prefix, "index.parquet"), storage_config).cast(INDEX_SCHEMA)
+        plan = _read_parquet(storage.join(plan_prefix, "plan.parquet"), storage_config).to_pandas()
         meta = json.loads(storage.read_bytes(storage.join(plan_prefix, "meta.json"), storage_config))
-        return NightlyPlan(run_id, model_version, index, plan, meta["new_objects"], meta["deleted_objects"], True, previous_run)
+        return NightlyPlan(run_id, model_version, index, plan, meta["new_objects"], meta["deleted_objects"], True, previous_run,
+                           counts=_counts(index, plan))
 
     entries = list_inputs(archive_uri, job.index, storage_config)
-    listing = [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries]
+    listing = pa.Table.from_pylist([{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries],
+                                   schema=LISTING_SCHEMA)
     unchanged, to_read, deleted = diff_listing(previous_index, listing)
-    fresh = read_headers_on_ray(to_read, job.index, storage_config)
+    fresh = read_headers_on_ray(to_read.to_pylist(), job.index, storage_config)
     # Header-level reasons come back from read_headers; the series rule is redone over every live object.
-    live = pd.concat([unchanged[MANIFEST_SCHEMA.names], fresh[MANIFEST_SCHEMA.names]], ignore_index=True)
-    header_reasons = live["reason"].where(~live["reason"].isin(["duplicate", "other_series"]))
-    live = live.assign(reason=header_reasons, message=live["message"].where(header_reasons.notna()))
+    live = pa.concat_tables([unchanged.select(MANIFEST_SCHEMA.names), to_arrow(fresh)])
     live = select_series(live, job.index.preferred_thickness_mm)
-    live["deleted"] = False
-    index = pd.concat([live, deleted.drop(columns=["run_id"], errors="ignore")], ignore_index=True)
-    index["run_id"] = run_id
-    plan = plan_studies(index, scored, model_version, full=full)
+    index = _night_index(live, deleted, run_id)
+    plan = plan_studies(index, scored, model_version, full=full).to_pandas()
     return NightlyPlan(
-        run_id, model_version, index, plan, [e["uri"] for e in to_read], len(deleted), False, previous_run,
-        storage_retries=fresh.attrs["storage_retries"],
+        run_id, model_version, index, plan, to_read.column("uri").to_pylist(), deleted.num_rows, False, previous_run,
+        counts=_counts(index, plan), storage_retries=fresh.attrs["storage_retries"],
     )
 
 
@@ -274,17 +194,15 @@ def _estimate_seconds(plan: NightlyPlan) -> float | None:
     rate = (plan.previous_run or {}).get("slices_per_s")
     if not rate:
         return None
-    n = plan.index[plan.index["study_uid"].isin(plan.plan["study_uid"]) & plan.index["selected"].astype(bool)].shape[0]
-    return n / float(rate)
+    return plan.counts["planned_slices"] / float(rate)
 
 
 def format_plan(plan: NightlyPlan) -> str:
     reasons = plan.plan["reason"].value_counts().to_dict()
-    live = plan.index[~plan.index["deleted"].astype(bool)]
     lines = [
         f"nightly run {plan.run_id}" + (" (re-run: the first attempt's plan)" if plan.reused else ""),
-        f"  archive: {len(live)} objects ({len(plan.new_objects)} new or changed, {plan.deleted_objects} deleted), "
-        f"{live.loc[live['selected'].astype(bool), 'study_uid'].nunique()} studies",
+        f"  archive: {plan.counts['objects']} objects ({len(plan.new_objects)} new or changed, {plan.deleted_objects} deleted), "
+        f"{plan.counts['studies']} studies",
         f"  to score: {len(plan.plan)} studies" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""),
     ]
     estimate = _estimate_seconds(plan)
@@ -345,17 +263,21 @@ def nightly(
 
         # Inputs of this run: every object of a planned study, plus new/changed objects that belong to no
         # study (so each bad file is reported once, the night it appears).
-        index = plan.index[~plan.index["deleted"].astype(bool)]
-        new = set(plan.new_objects)
-        rows = index[index["study_uid"].isin(plan.plan["study_uid"]) | (index["study_uid"].isna() & index["uri"].isin(new))]
+        con = duckdb.connect()
+        con.register("idx", plan.index)
+        con.register("planned", pa.table({"study_uid": pa.array(plan.plan["study_uid"].tolist(), pa.string())}))
+        con.register("new", pa.table({"uri": pa.array(plan.new_objects, pa.string())}))
+        rows = con.sql("""
+            SELECT * FROM idx WHERE NOT deleted AND (study_uid IN (SELECT study_uid FROM planned)
+                                                     OR (study_uid IS NULL AND uri IN (SELECT uri FROM new)))
+            ORDER BY uri""").to_arrow_table()
         manifest_uri = storage.join(plan_prefix, "manifest.parquet")
-        write_manifest(rows[MANIFEST_SCHEMA.names], manifest_uri, sc)
+        write_manifest(rows.select(MANIFEST_SCHEMA.names), manifest_uri, sc)
         scored = plan.plan.assign(run_id=plan.run_id, model_version=plan.model_version)[SCORED_TABLE_SCHEMA.names]
         run = ScoringRun(bundle_uri, out_uri, job=job, run_id=plan.run_id, progress=progress, storage_config=sc,
                          max_reject_fraction=max_reject_fraction, kind="nightly", storage_retries=plan.storage_retries)
         done = run.score(read_manifest(manifest_uri, sc))
-        run.write_table("index", pa.Table.from_pandas(plan.index.assign(run_id=plan.run_id)[INDEX_SCHEMA.names],
-                                                      schema=INDEX_SCHEMA, preserve_index=False))
+        run.write_table("index", plan.index)  # every row is this run's (make_plan), a re-run's too
         # Only studies that got a prediction count as scored: a failed one stays due.
         run.write_table("scored", pa.Table.from_pandas(scored[scored["study_uid"].isin(done.study_uids)],
                                                        schema=SCORED_TABLE_SCHEMA, preserve_index=False))
