@@ -1,6 +1,10 @@
 """Nightly cost model: measured index and scoring rates, and a sizing for a 1 M-study archive.
 
     python bench/nightly.py --archive /tmp/ichd-bench-train/data --write
+    python bench/nightly.py --scale 1e5,1e6,1e7 --changed 0,0.01 [--engine duckdb,pandas] --write
+
+``--scale``: the table work of a night at archive scale, on synthesised indexes (no files); see
+``bench/nightly_scale.py``.
 
 Three nights on one archive with one bundle, on local Ray:
   1. first night: every object's header is read, every study scored (index objects/s, slices/s);
@@ -25,12 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", required=True, help="a synthetic (or any) DICOM archive")
+    parser.add_argument("--archive", help="a synthetic (or any) DICOM archive")
+    parser.add_argument("--scale", help="comma-separated object counts (e.g. 1e5,1e6,1e7): the table work alone")
+    parser.add_argument("--changed", default="0,0.01", help="with --scale: fractions of studies changed")
+    parser.add_argument("--engine", default="duckdb", help="with --scale: duckdb (today) and/or pandas (before issue 11)")
     parser.add_argument("--root", default="/tmp/ichd-bench-nightly")
     parser.add_argument("--backbone", default="test_resnet")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.scale:
+        return scale(args)
+    if not args.archive:
+        parser.error("--archive (or --scale) is required")
 
     os.environ.setdefault("ICHD_PATIENT_SALT", "bench")
     import ray
@@ -113,6 +124,26 @@ def main() -> int:
 
         write_section("nightly", "Nightly cost model (`bench/nightly.py`)", text)
     return 0
+
+
+def scale(args) -> int:
+    from nightly_scale import run_scale, table
+
+    sizes = [int(float(x)) for x in args.scale.split(",")]
+    changed = [float(x) for x in args.changed.split(",")]
+    results = run_scale(sizes, changed, args.engine.split(","), check=True)
+    text = "\n".join([
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; {dt.date.today()}. "
+        f"Command: `python bench/nightly.py --scale {args.scale} --changed {args.changed} --engine {args.engine}`.",
+        "",
+        table(results),
+    ])
+    print(text)
+    if args.write:
+        from benchmarks_md import write_section
+
+        write_section(f"nightly-scale-{args.engine.replace(',', '-')}", f"Nightly table work at scale (`bench/nightly.py --scale`, {args.engine})", text)
+    return 0 if all("error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":

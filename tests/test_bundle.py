@@ -196,15 +196,15 @@ def test_preprocessing_this_code_cannot_do_is_refused():
     assert config.preprocessing["rsna_fix"] is True and config.preprocessing["resize"] == "area"
     assert config.replace(preprocessing={**config.preprocessing, "rsna_fix": False}).preprocessing["rsna_fix"] is False
     for change, message in (
-        ({"resize": "bilinear"}, r"preprocessing: resize: 'bilinear' is not supported; this code does \['area'\]"),
-        ({"rsna_fix": 1}, "preprocessing: rsna_fix: 1 is not supported"),
-        ({"pixel_dtype": "float16"}, "preprocessing: pixel_dtype"),
-        ({"crop": "head"}, "preprocessing: crop: unknown setting"),
+        ({"resize": "bilinear"}, r"preprocessing.resize: 'bilinear' is not supported; this code does \['area'\]"),
+        ({"rsna_fix": 1}, "preprocessing.rsna_fix: 1 is not supported"),
+        ({"pixel_dtype": "float16"}, "preprocessing.pixel_dtype"),
+        ({"crop": "head"}, "preprocessing.crop: unknown setting"),
     ):
         with pytest.raises(BundleError, match=message):
             config.replace(preprocessing={**config.preprocessing, **change})
     partial = {k: v for k, v in config.preprocessing.items() if k != "rsna_fix"}
-    with pytest.raises(BundleError, match=r"preprocessing: missing \['rsna_fix'\]"):
+    with pytest.raises(BundleError, match=r"preprocessing is missing \['rsna_fix'\]"):
         config.replace(preprocessing=partial)
 
 

@@ -207,7 +207,7 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: str = "",
         if error["type"] == "value_error" and isinstance(error.get("ctx", {}).get("error"), ConfigError):
             lines.append(str(error["ctx"]["error"]))  # a nested section's own error, already dotted
             continue
-        if error["type"] == "missing":
+        if error["type"] == "missing" and error["loc"] and isinstance(error["loc"][-1], str):  # a field, not a list item
             lines.append(f"{'.'.join(loc)}: required")
             continue
         annotation = _annotation_at(model, loc[len(prefix):])

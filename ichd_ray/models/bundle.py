@@ -36,7 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, V
 from torch import nn
 
 from ichd_ray import CLASSES
-from ichd_ray.config.job import Section, config_error, validate_config
+from ichd_ray.config.job import ConfigError, Section, config_error, validate_config
 
 from ichd_ray.io import storage
 from ichd_ray.models.sequence import SequenceConfig, SequenceModel
@@ -278,13 +278,13 @@ class BundleConfig(BaseModel):
         for key, setting in value.items():
             allowed = SUPPORTED_PREPROCESSING.get(key)
             if allowed is None:
-                raise ValueError(f"{key}: unknown setting; known: {sorted(SUPPORTED_PREPROCESSING)}")
+                raise ConfigError(f"preprocessing.{key}: unknown setting; known: {sorted(SUPPORTED_PREPROCESSING)}")
             # `is` for booleans: 1 == True would let a number through
             if not any(setting is a if isinstance(a, bool) else setting == a for a in allowed):
-                raise ValueError(f"{key}: {setting!r} is not supported; this code does {list(allowed)}")
+                raise ConfigError(f"preprocessing.{key}: {setting!r} is not supported; this code does {list(allowed)}")
         missing = sorted(set(SUPPORTED_PREPROCESSING) - set(value))
         if missing:  # what the weights were trained with is not known: refuse rather than guess
-            raise ValueError(f"missing {missing}; a bundle records every one of {sorted(SUPPORTED_PREPROCESSING)}")
+            raise ConfigError(f"preprocessing is missing {missing}; a bundle records every one of {sorted(SUPPORTED_PREPROCESSING)}")
         return _json_copy(value)
 
     @field_validator("training")

@@ -14,7 +14,8 @@ outputs are ``pyarrow.Table``. Pure: no storage, no Ray.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import duckdb
 import pyarrow as pa
@@ -26,6 +27,9 @@ __all__ = [
     "select_series",
     "study_fingerprints",
     "plan_studies",
+    "night_index",
+    "NightTables",
+    "plan_night",
 ]
 
 #: A series whose slice normal is further than 35 degrees from z is not axial.
@@ -85,15 +89,20 @@ def select_series(headers: pa.Table, preferred_thickness_mm: float = 5.0) -> pa.
 
     Args:
         headers: One row per object with the manifest's columns (``reason`` set where the header was
-            rejected); ``selected`` and ``slice_index``, if present, are recomputed.
+            rejected); ``selected``, ``slice_index`` and the rule's own reasons (``duplicate``,
+            ``other_series``), if present, are recomputed, so last night's rows can be passed again.
         preferred_thickness_mm: The series whose median SliceThickness is nearest wins.
     """
     columns = [c for c in headers.column_names if c not in ("selected", "slice_index")]
     con = _connect(headers=headers.select(columns))
     rule = f"(rule: thickness nearest {preferred_thickness_mm:g} mm, then most slices)"
     out = con.sql(f"""
-        WITH ordered AS (
-            SELECT *, row_number() OVER (ORDER BY uri) AS _row FROM headers
+        WITH ordered AS (  -- reasons of the rule itself are recomputed: a night passes last night's rows again
+            SELECT * REPLACE (
+                       CASE WHEN reason IN ('duplicate', 'other_series') THEN NULL ELSE reason END AS reason,
+                       CASE WHEN reason IN ('duplicate', 'other_series') THEN NULL ELSE message END AS message),
+                   row_number() OVER (ORDER BY uri) AS _row
+            FROM headers
         ), duplicates AS (  -- a SOP UID seen twice among accepted objects keeps its first (by URI)
             SELECT * REPLACE (
                 CASE WHEN _dup THEN 'duplicate' ELSE reason END AS reason,
@@ -187,3 +196,63 @@ def plan_studies(index: pa.Table, scored: pa.Table | None, model_version: str, f
         SELECT * FROM decided WHERE reason IS NOT NULL ORDER BY study_uid
     """, params={"full": bool(full), "version": model_version}).to_arrow_table()
     return out.cast(PLAN_SCHEMA)
+
+
+def night_index(live: pa.Table, deleted: pa.Table, run_id: str, schema: pa.Schema) -> pa.Table:
+    """Tonight's index (``schema``: the manifest's columns, ``deleted``, ``run_id``): the live objects
+    after the series rule, then the deleted ones, every row of this run."""
+    con = _connect(live=live, gone=deleted)
+    return con.sql("""
+        SELECT *, false AS deleted, $run AS run_id FROM live
+        UNION ALL BY NAME SELECT * REPLACE ($run AS run_id) FROM gone""", params={"run": run_id}).to_arrow_table().select(
+        schema.names).cast(schema)
+
+
+@dataclass
+class NightTables:
+    """What :func:`plan_night` decided.
+
+    Attributes:
+        index: Tonight's index, every object (deleted ones flagged).
+        plan: ``study_uid, fingerprint, reason`` of the studies to score (:data:`PLAN_SCHEMA`).
+        read: The listing rows whose headers were read tonight (new or changed objects).
+        deleted: How many objects of the last index are gone tonight.
+    """
+
+    index: pa.Table
+    plan: pa.Table
+    read: pa.Table
+    deleted: int
+
+
+def plan_night(
+    previous: pa.Table,
+    listing: pa.Table,
+    scored: pa.Table | None,
+    read_headers: Callable[[pa.Table], pa.Table],
+    *,
+    model_version: str,
+    run_id: str,
+    preferred_thickness_mm: float,
+    full: bool = False,
+) -> NightTables:
+    """One night's table work: diff the listing against the last index, read the headers of what is new
+    or changed (``read_headers``: listing rows -> manifest rows, e.g. Ray tasks), redo the series rule
+    over the live objects, build tonight's index and the plan.
+
+    Args:
+        previous: The last committed index (an empty table of its schema on the first night).
+        listing: Tonight's objects (:data:`LISTING_SCHEMA`).
+        scored: Latest committed ``scored`` row per study, or None.
+        read_headers: Reads the headers of the given listing rows; returns manifest columns.
+        model_version: The bundle's version.
+        run_id: Tonight's run id (every index row carries it).
+        preferred_thickness_mm: The series rule's thickness.
+        full: Plan every study.
+    """
+    unchanged, to_read, deleted = diff_listing(previous, listing)
+    manifest_columns = [c for c in previous.column_names if c not in ("deleted", "run_id")]
+    fresh = read_headers(to_read).select(manifest_columns).cast(unchanged.select(manifest_columns).schema)
+    live = select_series(pa.concat_tables([unchanged.select(manifest_columns), fresh]), preferred_thickness_mm)
+    index = night_index(live, deleted, run_id, previous.schema)
+    return NightTables(index, plan_studies(index, scored, model_version, full=full), to_read, deleted.num_rows)

@@ -36,7 +36,7 @@ from ichd_ray.io import config_files, storage
 from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
 from ichd_ray.io.results import connect
 from ichd_ray.models.bundle import load_bundle_config
-from ichd_ray.pipeline.incremental import LISTING_SCHEMA, diff_listing, plan_studies, select_series
+from ichd_ray.pipeline.incremental import LISTING_SCHEMA, plan_night
 from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, to_arrow, write_manifest
 from ichd_ray.pipeline.score import ScoringRun
 
@@ -126,17 +126,6 @@ def _committed(out_uri: str, storage_config) -> tuple[pa.Table, pa.Table | None,
     return index, scored, previous_run
 
 
-def _night_index(live: pa.Table, deleted: pa.Table, run_id: str) -> pa.Table:
-    """Tonight's index: the live objects after the series rule, then the deleted ones, all of this run."""
-    con = duckdb.connect()
-    con.register("live", live)
-    con.register("gone", deleted)
-    return con.sql("""
-        SELECT *, false AS deleted, $run AS run_id FROM live
-        UNION ALL BY NAME SELECT * REPLACE ($run AS run_id) FROM gone""", params={"run": run_id}).to_arrow_table().select(
-        INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
-
-
 def _counts(index: pa.Table, plan: pd.DataFrame) -> dict[str, int]:
     """Objects and studies in the archive tonight, and the slices of the planned studies."""
     con = duckdb.connect()
@@ -177,16 +166,19 @@ def make_plan(
     entries = list_inputs(archive_uri, job.index, storage_config)
     listing = pa.Table.from_pylist([{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries],
                                    schema=LISTING_SCHEMA)
-    unchanged, to_read, deleted = diff_listing(previous_index, listing)
-    fresh = read_headers_on_ray(to_read.to_pylist(), job.index, storage_config)
-    # Header-level reasons come back from read_headers; the series rule is redone over every live object.
-    live = pa.concat_tables([unchanged.select(MANIFEST_SCHEMA.names), to_arrow(fresh)])
-    live = select_series(live, job.index.preferred_thickness_mm)
-    index = _night_index(live, deleted, run_id)
-    plan = plan_studies(index, scored, model_version, full=full).to_pandas()
+    retries = []
+
+    def read_headers(rows: pa.Table) -> pa.Table:
+        fresh = read_headers_on_ray(rows.to_pylist(), job.index, storage_config)
+        retries.append(fresh.attrs["storage_retries"])
+        return to_arrow(fresh)
+
+    night = plan_night(previous_index, listing, scored, read_headers, model_version=model_version, run_id=run_id,
+                       preferred_thickness_mm=job.index.preferred_thickness_mm, full=full)
+    plan = night.plan.to_pandas()
     return NightlyPlan(
-        run_id, model_version, index, plan, to_read.column("uri").to_pylist(), deleted.num_rows, False, previous_run,
-        counts=_counts(index, plan), storage_retries=fresh.attrs["storage_retries"],
+        run_id, model_version, night.index, plan, night.read.column("uri").to_pylist(), night.deleted, False, previous_run,
+        counts=_counts(night.index, plan), storage_retries=sum(retries),
     )
 
 
