@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_args(nightly)
     nightly.set_defaults(func=_nightly)
 
+    compact = sub.add_parser("compact", help="fold the nightly index's per-night changes into one snapshot (drops tombstones)")
+    compact.add_argument("out", help="output prefix of nightly runs")
+    compact.add_argument("--lease-ttl", type=float, default=300.0, metavar="SECONDS", help="as for nightly (default 300)")
+    compact.add_argument("--config", help="job YAML: its storage section (see docs/config.md)")
+    _storage_args(compact)
+    compact.set_defaults(func=_compact)
+
     evaluate = sub.add_parser("evaluate", help="metrics of a scoring run against labels: table + JSON")
     evaluate.add_argument("--predictions", required=True, help="output prefix of a scoring run (OUT of ichd-ray score)")
     evaluate.add_argument("--labels", required=True, help="labels CSV in the RSNA format")
@@ -440,6 +447,32 @@ def _nightly(args: argparse.Namespace) -> int:
         print(f"  ichd-ray results {args.out} --sql \"SELECT stage, reason, count(*) AS n FROM errors WHERE run_id = "
               f"'{result.summary.run_id}' GROUP BY ALL ORDER BY n DESC\"", file=sys.stderr)
         return 1
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    # Lazy, as for nightly (start-up: `ichd-ray --help` imports neither DuckDB nor pyarrow).
+    from ichd_ray.io.config_files import load_job_config, storage_config  # lazy
+    from ichd_ray.io.lease import LeaseHeld  # lazy
+    from ichd_ray.pipeline.compact import compact_index  # lazy
+    from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD  # lazy
+    import datetime as dt  # lazy
+    import math  # lazy
+
+    if not (math.isfinite(args.lease_ttl) and args.lease_ttl >= 1):
+        print(f"ichd-ray compact: --lease-ttl must be a number of seconds >= 1, got {args.lease_ttl}", file=sys.stderr)
+        return 2
+    try:
+        job = load_job_config(args.config, {"storage": {"endpoint_url": args.endpoint_url, "region": args.region}})
+        done = compact_index(args.out, storage_config=storage_config(job.storage), lease_ttl=dt.timedelta(seconds=args.lease_ttl))
+    except LeaseHeld as exc:
+        print(f"ichd-ray compact: {exc}; another run is writing {args.out}: not starting (exit {EXIT_LEASE_HELD})", file=sys.stderr)
+        return EXIT_LEASE_HELD
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ichd-ray compact: {exc}", file=sys.stderr)
+        return 2
+    print(f"compaction {done.run_id}: {done.objects} objects, {done.studies} studies; dropped {done.tombstones} "
+          f"tombstones; folded {done.runs_folded} runs; deleted {done.files_deleted} superseded files")
     return 0
 
 

@@ -134,6 +134,23 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
     due = nightly(archive, v1, out, now=night(6), dry_run=True, **run)
     assert sorted(due.plan.plan["reason"]) == ["model"] * 4
 
+    # A night writes what changed: night 2 (nothing) no index row, night 3 the new study's objects only.
+    written = query(out, "SELECT run_id, count(*) AS n FROM index_rows GROUP BY run_id")
+    written = dict(zip(written["run_id"], written["n"]))
+    assert second.plan.run_id not in written
+    assert written[third.plan.run_id] == len(storage.list_files(f"{archive}/{new_study}"))
+
+    # A compaction folds the nights into one snapshot: tombstones go, nothing else changes.
+    live = "SELECT * EXCLUDE (run_id) FROM latest_index WHERE NOT deleted ORDER BY uri"
+    live_before, latest_before = query(out, live), _latest(out)
+    assert query(out, "SELECT count(*) AS n FROM latest_index WHERE deleted")["n"].iloc[0] > 0
+    assert main(["compact", out]) == 0 and "tombstones" in capsys.readouterr().out
+    assert query(out, "SELECT count(*) AS n FROM latest_index WHERE deleted")["n"].iloc[0] == 0
+    pd.testing.assert_frame_equal(query(out, live), live_before)
+    pd.testing.assert_frame_equal(_latest(out), latest_before)  # the deleted study stays out
+    due = nightly(archive, v1, out, now=night(6), dry_run=True, **run)
+    assert sorted(due.plan.plan["reason"]) == ["model"] * 4
+    assert sorted(u.rsplit("/", 1)[-1] for u in due.plan.new_objects) == ["junk1.dcm", "junk2.dcm"]  # the failed night's
     # The archive prefix lists nothing (moved away, a typo, credentials that cannot list it): refused,
     # rather than a night that marks every study deleted.
     runs_before = query(out, "SELECT count(*) AS n FROM runs")["n"].iloc[0]
@@ -151,6 +168,17 @@ def test_nightly_story_on_local_files(ray_session, bundles, tmp_path, monkeypatc
         assert main(["results", out, "--sql", sql]) == 0
         text = capsys.readouterr().out
         assert text.strip() and "Empty" not in text, sql
+
+    # The next compaction deletes what the first one superseded (a reader mid-query kept it until now).
+    files_before = {e.uri for e in storage.list_files(f"{out}/index")}
+    for name in ("junk1.dcm", "junk2.dcm"):
+        (tmp_path / "archive" / name).unlink()
+    assert nightly(archive, v2, out, now=night(7), **run).summary.status == "succeeded"
+    assert main(["compact", out]) == 0
+    files_after = {e.uri for e in storage.list_files(f"{out}/index")}
+    assert not any(f"run_id={first.plan.run_id}/" in u for u in files_after)
+    assert any("run_id=compaction-" in u for u in files_after) and files_before - files_after
+    pd.testing.assert_frame_equal(query(out, live), live_before)
 
 
 def _readme_examples() -> list[str]:

@@ -23,6 +23,7 @@ from ichd_ray.io.tables import (
     read_run,
     remove_other_attempts,
     table_prefix,
+    overlay_runs,
     views_sql,
     write_table,
 )
@@ -96,7 +97,7 @@ def test_runs_schema_counts_and_times():
     assert counts == ["n_inputs", "n_slices_scored", "n_rejected", "n_faults", "n_selected_out", "n_skipped",
                       "n_studies", "n_storage_retries"]
     assert {RUNS_SCHEMA.field(n).type for n in counts} == {pa.int64()}
-    assert DATA_TABLES == ("slices", "studies", "errors", "embeddings", "index", "scored")
+    assert DATA_TABLES == ("slices", "studies", "errors", "embeddings", "index", "index_studies", "scored")
 
 
 # -------------------------------------------------------------------------------------- layout
@@ -189,7 +190,24 @@ def test_views_sql_fills_the_root():
     views = re.findall(r"CREATE OR REPLACE VIEW (\w+)", text)
     assert views == ["runs", "slices", "studies", "errors", "latest_studies"]
     nightly = re.findall(r"CREATE OR REPLACE VIEW (\w+)", views_sql("s3://bucket/out", nightly=True))
-    assert nightly == views + ["index_rows", "latest_index", "scored", "latest_scored", "latest_studies"]
+    assert nightly == views + ["index_rows", "latest_index", "latest_study_index", "scored", "latest_scored", "latest_studies"]
+
+
+def test_the_index_state_starts_at_the_newest_compaction_and_leaves_failed_runs_out():
+    at = lambda h: dt.datetime(2026, 12, 1, h, tzinfo=dt.timezone.utc)  # noqa: E731
+    runs = [
+        {"run_id": "n1", "attempt": "a1", "kind": "nightly", "status": "succeeded", "finished_at": at(1)},
+        {"run_id": "n2", "attempt": "a2", "kind": "nightly", "status": "failed", "finished_at": at(2)},
+        {"run_id": "s3", "attempt": "a3", "kind": "score", "status": "succeeded", "finished_at": at(3)},
+        {"run_id": "n4", "attempt": "a4", "kind": "nightly", "status": "succeeded", "finished_at": at(4)},
+    ]
+    assert overlay_runs(runs) == [("n1", "a1", 1), ("n4", "a4", 2)]
+    runs += [
+        {"run_id": "c5", "attempt": "a5", "kind": "compaction", "status": "succeeded", "finished_at": at(5)},
+        {"run_id": "n7", "attempt": "a7", "kind": "nightly", "status": "succeeded", "finished_at": at(7)},
+        {"run_id": "n6", "attempt": "a6", "kind": "nightly", "status": "succeeded", "finished_at": at(6)},
+    ]
+    assert overlay_runs(runs) == [("c5", "a5", 0), ("n6", "a6", 1), ("n7", "a7", 2)]
 
 
 def test_views_sql_escapes_a_quote_in_the_root():

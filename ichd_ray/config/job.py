@@ -81,6 +81,8 @@ class IndexConfig(Section):
     exclude_suffixes: StrList = Field((".csv", ".json", ".txt", ".md", ".parquet", ".yaml", ".yml"),
                                       description="keys ending so are not DICOM candidates")
     preferred_thickness_mm: float = Field(5.0, gt=0, description="series rule: thickness nearest this, then most slices")
+    table_memory_gb: float = Field(2.0, gt=0, description="nightly: memory DuckDB may use for the night's table work "
+                                                          "(diff, series rule, plan) before it spills to disk")
 
 
 Device = Literal["auto", "cpu", "cuda"]

@@ -24,9 +24,20 @@ def connect(out_uri: str, storage_config: storage.StorageConfig | None = None):
     scheme, _ = storage.parse_uri(out_uri)
     if scheme == "s3":
         con.register_filesystem(storage.fsspec_filesystem(out_uri, storage_config))
+
+    def as_read(uri: str) -> str:  # DuckDB reads s3:// through fsspec, local files by path
+        return uri if scheme == "s3" else storage.parse_uri(uri)[1]
+
+    root = as_read(out_uri)
     # The nightly views need the index and scored tables to exist (DuckDB fails on an empty glob).
-    nightly = all(storage.list_files(storage.join(out_uri, t), suffix=".parquet", config=storage_config) for t in ("index", "scored"))
-    con.execute(views_sql(out_uri if scheme == "s3" else storage.parse_uri(out_uri)[1], nightly=nightly))
+    files = {t: [as_read(e.uri) for e in storage.list_files(storage.join(out_uri, t), suffix=".parquet", config=storage_config)]
+             for t in ("index", "index_studies", "scored")}
+    nightly = bool(files["index"] and files["scored"])
+    con.execute(views_sql(root))
+    if nightly:
+        # Which runs' index rows make up the archive now is read from the runs table first.
+        runs = con.sql("SELECT run_id, attempt, kind, status, finished_at FROM runs").to_arrow_table().to_pylist()
+        con.execute(views_sql(root, nightly=True, runs=runs, files=files))
     return con
 
 

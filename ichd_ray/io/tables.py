@@ -41,6 +41,8 @@ __all__ = [
     "ERRORS_SCHEMA",
     "EMBEDDINGS_SCHEMA",
     "RUNS_SCHEMA",
+    "STUDY_INDEX_SCHEMA",
+    "overlay_runs",
     "DATA_TABLES",
     "new_attempt_id",
     "table_prefix",
@@ -118,8 +120,21 @@ RUNS_SCHEMA = pa.schema(
         ("problems", pa.string()),  # JSON list: why the run is failed ([] when it succeeded)
     ]
 )
+#: One row per study per night it changed (the ``index_studies`` table): the fingerprint of its live
+#: objects, how many there are and how many the series rule selected; ``deleted`` when none is left.
+#: The plan reads the latest row of every study, so a night never fingerprints untouched studies again.
+STUDY_INDEX_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("study_uid", pa.string()),
+    ("fingerprint", pa.string()),
+    ("n_objects", pa.int64()),
+    ("n_selected", pa.int64()),
+    ("deleted", pa.bool_()),
+])
+
+
 #: Tables written under an attempt (``index`` and ``scored``: nightly runs only).
-DATA_TABLES = ("slices", "studies", "errors", "embeddings", "index", "scored")
+DATA_TABLES = ("slices", "studies", "errors", "embeddings", "index", "index_studies", "scored")
 
 
 def new_attempt_id(now: dt.datetime | None = None) -> str:
@@ -181,12 +196,80 @@ def remove_other_attempts(out_uri: str, run_id: str, keep: str, storage_config=N
     return deleted
 
 
-def views_sql(out_uri: str, nightly: bool = False) -> str:
+def views_sql(out_uri: str, nightly: bool = False, runs: list[dict] | None = None,
+              files: dict[str, list[str]] | None = None) -> str:
     """DuckDB views over committed attempts only, with ``{root}`` filled in: ``runs``, ``slices``,
     ``studies``, ``errors``, ``latest_studies``; with ``nightly`` (OUT holds nightly runs) also
-    ``index_rows``, ``latest_index``, ``scored``, ``latest_scored`` and a ``latest_studies`` without the
-    studies whose objects are all gone from the archive. The optional embeddings are read directly."""
-    files = ["sql/views.sql"] + (["sql/nightly_views.sql"] if nightly else [])
-    text = "\n".join(resources.files("ichd_ray.io").joinpath(f).read_text() for f in files)
+    ``index_rows``, ``latest_index``, ``latest_study_index``, ``scored``, ``latest_scored`` and a
+    ``latest_studies`` without the studies whose objects are all gone from the archive. The optional
+    embeddings are read directly.
+
+    Args:
+        out_uri: OUT as DuckDB reads it (a local path or ``s3://...``).
+        nightly: Add the nightly views.
+        runs: The runs table's rows (``run_id, attempt, kind, status, finished_at``), to find which runs'
+            index rows make up the archive now (:func:`overlay_runs`); None: none do.
+        files: The Parquet files of the ``index`` and ``index_studies`` tables, as DuckDB reads them.
+    """
+    names = ["sql/views.sql"] + (["sql/nightly_views.sql"] if nightly else [])
+    text = "\n".join(resources.files("ichd_ray.io").joinpath(f).read_text() for f in names)
+    if nightly:
+        files = files or {}
+        text = text.replace("{latest_index}", _latest_rows_sql(
+            "uri", _overlay_files(runs or [], files.get("index", [])),
+            "SELECT * EXCLUDE (attempt) FROM read_parquet('{root}/index/*/*/*.parquet', hive_partitioning = true, "
+            "union_by_name = true) WHERE false"))
+        text = text.replace("{latest_study_index}", _latest_rows_sql(
+            "study_uid", _overlay_files(runs or [], files.get("index_studies", [])),
+            "SELECT " + ", ".join(f"NULL::{_DUCKDB_TYPES[f.type]} AS {f.name}" for f in STUDY_INDEX_SCHEMA) + " WHERE false"))
     root = out_uri.rstrip("/")
     return text.replace("{root}", root.replace("'", "''"))
+
+
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN"}
+
+
+def overlay_runs(runs: list[dict]) -> list[tuple[str, str, int]]:
+    """``(run_id, attempt, order)`` of the committed runs whose ``index``/``index_studies`` rows make up
+    the archive now: the newest succeeded compaction (order 0, a snapshot) and every succeeded nightly run
+    that finished after it (1, 2, ... by ``finished_at``, each overlaying the ones before). Failed runs
+    are left out, so what they saw is seen again the next night."""
+    done = [r for r in runs if r.get("status") == "succeeded" and r.get("kind") in ("nightly", "compaction")]
+    done.sort(key=lambda r: (r["finished_at"], r["run_id"]))
+    bases = [i for i, r in enumerate(done) if r["kind"] == "compaction"]
+    start = bases[-1] if bases else None
+    out = [] if start is None else [(done[start]["run_id"], done[start]["attempt"], 0)]
+    later = done[start + 1:] if start is not None else done
+    return out + [(r["run_id"], r["attempt"], n) for n, r in enumerate((r for r in later if r["kind"] == "nightly"), 1)]
+
+
+def _overlay_files(runs: list[dict], files: list[str]) -> list[tuple[str, int]]:
+    """(file, order) for each file of a run in :func:`overlay_runs`; a run without files wrote no rows."""
+    order = {(run_id, attempt): n for run_id, attempt, n in overlay_runs(runs)}
+    out = []
+    for f in files:
+        parts = dict(p.split("=", 1) for p in f.split("/") if p.startswith(("run_id=", "attempt=")))
+        key = (parts.get("run_id"), parts.get("attempt"))
+        if key in order:
+            out.append((f, order[key]))
+    return sorted(out)
+
+
+def _latest_rows_sql(key: str, files: list[tuple[str, int]], empty: str) -> str:
+    """The newest row per ``key`` over a snapshot (order 0) overlaid by later runs' changes: the snapshot's
+    rows no later run touched (an anti join against the small changes) plus the latest change of each."""
+    if not files:
+        return empty
+    quoted = ", ".join("'" + f.replace("'", "''") + "'" for f, _ in files)
+    orders = ", ".join("('" + f.replace("'", "''") + f"', {n})" for f, n in files)
+    return f"""WITH state AS (
+    SELECT t.* EXCLUDE (attempt, filename), o._order
+    FROM read_parquet([{quoted}], hive_partitioning = true, union_by_name = true, filename = true) AS t
+    JOIN (VALUES {orders}) AS o(filename, _order) ON t.filename = o.filename
+), changes AS (
+    SELECT * FROM state WHERE _order > 0
+    QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY _order DESC) = 1
+)
+SELECT b.* EXCLUDE (_order) FROM (SELECT * FROM state WHERE _order = 0) AS b ANTI JOIN changes AS c ON b.{key} = c.{key}
+UNION ALL BY NAME
+SELECT * EXCLUDE (_order) FROM changes"""

@@ -20,16 +20,20 @@ from typing import Any, Callable
 import duckdb
 import pyarrow as pa
 
+from ichd_ray.io.tables import STUDY_INDEX_SCHEMA
+
 __all__ = [
     "AXIAL_MIN_NORMAL_Z",
     "LISTING_SCHEMA",
-    "diff_listing",
+    "STUDY_INDEX_SCHEMA",
+    "PLAN_SCHEMA",
     "select_series",
     "study_fingerprints",
-    "plan_studies",
-    "night_index",
+    "study_rows",
+    "plan_from_studies",
     "NightTables",
     "plan_night",
+    "planned_rows",
 ]
 
 #: A series whose slice normal is further than 35 degrees from z is not axial.
@@ -53,34 +57,6 @@ def _connect(**tables: Any) -> duckdb.DuckDBPyConnection:
     for name, table in tables.items():
         con.register(name, table)
     return con
-
-
-def diff_listing(previous: pa.Table, listing: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Split tonight's listing against the last committed index.
-
-    Args:
-        previous: The last committed index (``uri, size, mtime, etag, ..., deleted``); an empty table
-            of its schema on the first night.
-        listing: ``uri, size, mtime, etag`` per object in the archive now (:data:`LISTING_SCHEMA`).
-
-    Returns:
-        (unchanged, to_read, deleted): index rows still valid as they are (listing order); listing rows
-        that are new or changed, whose headers must be read (listing order); index rows whose object is
-        gone, ``deleted`` set (index order). Deleted rows already in ``previous`` stay deleted.
-    """
-    con = _connect(previous=previous, listing=listing.select(LISTING_SCHEMA.names))
-    con.execute("CREATE TEMP TABLE l AS SELECT *, row_number() OVER () AS _pos FROM listing")
-    con.execute("CREATE TEMP TABLE p AS SELECT *, row_number() OVER () AS _pos FROM previous")
-    unchanged = con.sql(f"""
-        SELECT p.* EXCLUDE (_pos) FROM l JOIN p ON p.uri = l.uri AND NOT p.deleted
-        WHERE {_UNCHANGED} ORDER BY l._pos""").to_arrow_table()
-    to_read = con.sql(f"""
-        SELECT l.uri, l.size, l.mtime, l.etag FROM l LEFT JOIN p ON p.uri = l.uri AND NOT p.deleted
-        WHERE p.uri IS NULL OR NOT ({_UNCHANGED}) ORDER BY l._pos""").to_arrow_table()
-    deleted = con.sql("""
-        SELECT * EXCLUDE (_pos) REPLACE (true AS deleted) FROM p
-        WHERE NOT EXISTS (SELECT 1 FROM l WHERE l.uri = p.uri) ORDER BY _pos""").to_arrow_table()
-    return unchanged.cast(previous.schema), to_read.cast(LISTING_SCHEMA), deleted.cast(previous.schema)
 
 
 def select_series(headers: pa.Table, preferred_thickness_mm: float = 5.0) -> pa.Table:
@@ -166,93 +142,187 @@ def study_fingerprints(index: pa.Table) -> pa.Table:
 PLAN_SCHEMA = pa.schema([("study_uid", pa.string()), ("fingerprint", pa.string()), ("reason", pa.string())])
 
 
-def plan_studies(index: pa.Table, scored: pa.Table | None, model_version: str, full: bool = False) -> pa.Table:
-    """The studies to score tonight and why: ``study_uid, fingerprint, reason`` by study, reason one of
-    ``full`` (``full``), ``new`` (never scored), ``model`` (scored by another model version) or
-    ``changed`` (its fingerprint differs from the one last scored); studies none of these are left out.
+def study_rows(index: pa.Table, run_id: str) -> pa.Table:
+    """:data:`STUDY_INDEX_SCHEMA` rows of every study with a live object in ``index`` (INDEX_SCHEMA
+    columns), by study."""
+    con = _connect(idx=index.select(["uri", "size", "mtime", "etag", "study_uid", "deleted", "selected"]),
+                   fp=study_fingerprints(index))
+    out = con.sql("""
+        SELECT $run AS run_id, study_uid, f.fingerprint, count(*) AS n_objects,
+               count(*) FILTER (selected) AS n_selected, false AS deleted
+        FROM idx JOIN fp f USING (study_uid) WHERE NOT deleted
+        GROUP BY study_uid, f.fingerprint ORDER BY study_uid""", params={"run": run_id}).to_arrow_table()
+    return out.cast(STUDY_INDEX_SCHEMA)
 
-    Args:
-        index: Tonight's index (after the series rule): a study is a candidate when it has a selected,
-            live object.
-        scored: Latest committed ``scored`` row per study (``study_uid, fingerprint, model_version``).
-        model_version: The bundle's version.
-        full: Score every study.
-    """
+
+def plan_from_studies(studies: pa.Table, scored: pa.Table | None, model_version: str, full: bool = False) -> pa.Table:
+    """The plan (:data:`PLAN_SCHEMA`) from the latest row of each study (:data:`STUDY_INDEX_SCHEMA`): a
+    study with a selected live object is scored when ``full``, never scored (``new``), scored by another
+    model version (``model``) or at another fingerprint (``changed``)."""
     if scored is None:
         scored = pa.table({"study_uid": pa.array([], pa.string()), "fingerprint": pa.array([], pa.string()),
                            "model_version": pa.array([], pa.string())})
-    con = _connect(idx=index.select(["uri", "size", "mtime", "etag", "study_uid", "deleted", "selected"]),
-                   scored=scored.select(["study_uid", "fingerprint", "model_version"]),
-                   fingerprints=study_fingerprints(index))
-    out = con.sql("""
-        WITH candidates AS (SELECT DISTINCT study_uid FROM idx WHERE selected AND NOT deleted),
-        decided AS (
-            SELECT c.study_uid, f.fingerprint,
-                   CASE WHEN $full THEN 'full'
-                        WHEN s.study_uid IS NULL THEN 'new'
-                        WHEN s.model_version IS DISTINCT FROM $version THEN 'model'
-                        WHEN s.fingerprint IS DISTINCT FROM f.fingerprint THEN 'changed' END AS reason
-            FROM candidates c JOIN fingerprints f USING (study_uid) LEFT JOIN scored s USING (study_uid))
-        SELECT * FROM decided WHERE reason IS NOT NULL ORDER BY study_uid
-    """, params={"full": bool(full), "version": model_version}).to_arrow_table()
-    return out.cast(PLAN_SCHEMA)
-
-
-def night_index(live: pa.Table, deleted: pa.Table, run_id: str, schema: pa.Schema) -> pa.Table:
-    """Tonight's index (``schema``: the manifest's columns, ``deleted``, ``run_id``): the live objects
-    after the series rule, then the deleted ones, every row of this run."""
-    con = _connect(live=live, gone=deleted)
+    con = _connect(st=studies.select(["study_uid", "fingerprint", "n_selected", "deleted"]),
+                   scored=scored.select(["study_uid", "fingerprint", "model_version"]))
     return con.sql("""
-        SELECT *, false AS deleted, $run AS run_id FROM live
-        UNION ALL BY NAME SELECT * REPLACE ($run AS run_id) FROM gone""", params={"run": run_id}).to_arrow_table().select(
-        schema.names).cast(schema)
+        SELECT study_uid, c.fingerprint,
+               CASE WHEN $full THEN 'full'
+                    WHEN s.study_uid IS NULL THEN 'new'
+                    WHEN s.model_version IS DISTINCT FROM $version THEN 'model'
+                    WHEN s.fingerprint IS DISTINCT FROM c.fingerprint THEN 'changed' END AS reason
+        FROM st c LEFT JOIN scored s USING (study_uid)
+        WHERE NOT c.deleted AND c.n_selected > 0 AND reason IS NOT NULL ORDER BY study_uid
+    """, params={"full": bool(full), "version": model_version}).to_arrow_table().cast(PLAN_SCHEMA)
 
 
 @dataclass
 class NightTables:
-    """What :func:`plan_night` decided.
+    """What :func:`plan_night` decided; every table but ``plan`` is what tonight *changed*.
 
     Attributes:
-        index: Tonight's index, every object (deleted ones flagged).
+        index: Tonight's index rows to commit (INDEX_SCHEMA): every object of a study touched tonight
+            (new, changed or gone objects, or sharing a SOP UID with one), new or changed objects of no
+            study, and a ``deleted`` row for each object gone. Everything else is as last committed.
+        studies: :data:`STUDY_INDEX_SCHEMA` rows of the touched studies (``deleted``: none left), and on
+            the first night after an index without them, of every study.
         plan: ``study_uid, fingerprint, reason`` of the studies to score (:data:`PLAN_SCHEMA`).
         read: The listing rows whose headers were read tonight (new or changed objects).
         deleted: How many objects of the last index are gone tonight.
+        counts: ``objects`` (live tonight), ``studies`` (with a selected object), ``planned_slices``.
     """
 
     index: pa.Table
+    studies: pa.Table
     plan: pa.Table
     read: pa.Table
     deleted: int
+    counts: dict[str, int]
 
 
 def plan_night(
-    previous: pa.Table,
-    listing: pa.Table,
-    scored: pa.Table | None,
+    con: duckdb.DuckDBPyConnection,
     read_headers: Callable[[pa.Table], pa.Table],
     *,
     model_version: str,
     run_id: str,
     preferred_thickness_mm: float,
+    index_schema: pa.Schema,
     full: bool = False,
 ) -> NightTables:
-    """One night's table work: diff the listing against the last index, read the headers of what is new
-    or changed (``read_headers``: listing rows -> manifest rows, e.g. Ray tasks), redo the series rule
-    over the live objects, build tonight's index and the plan.
+    """One night's table work, in O(what changed) beyond two scans of the last index.
+
+    ``con`` holds four relations (tables or views, e.g. over Parquet, read lazily by DuckDB):
+    ``listing`` (tonight's objects, :data:`LISTING_SCHEMA`), ``previous`` (the last committed index's
+    live rows: INDEX_SCHEMA, ``deleted`` false), ``previous_studies`` (the latest
+    :data:`STUDY_INDEX_SCHEMA` row of every study; empty on the first night, or when the index was
+    written before that table existed: then it is computed from ``previous`` once) and ``last_scored``
+    (latest committed ``study_uid, fingerprint, model_version``).
+
+    Steps: a full outer join of listing and last index keeps only the differences (new, changed, gone);
+    ``read_headers`` reads the new and changed ones (listing rows -> manifest rows, e.g. Ray tasks); the
+    touched studies are closed over shared SOP UIDs (the duplicate rule spans studies), and the series
+    rule is redone over their objects only; their fingerprints and tonight's study rows follow, and the
+    plan joins the latest study rows with ``last_scored``.
 
     Args:
-        previous: The last committed index (an empty table of its schema on the first night).
-        listing: Tonight's objects (:data:`LISTING_SCHEMA`).
-        scored: Latest committed ``scored`` row per study, or None.
+        con: The connection holding the four relations.
         read_headers: Reads the headers of the given listing rows; returns manifest columns.
         model_version: The bundle's version.
-        run_id: Tonight's run id (every index row carries it).
+        run_id: Tonight's run id (the rows written tonight carry it).
         preferred_thickness_mm: The series rule's thickness.
+        index_schema: The index's schema (the manifest's columns, ``deleted``, ``run_id``).
         full: Plan every study.
     """
-    unchanged, to_read, deleted = diff_listing(previous, listing)
-    manifest_columns = [c for c in previous.column_names if c not in ("deleted", "run_id")]
-    fresh = read_headers(to_read).select(manifest_columns).cast(unchanged.select(manifest_columns).schema)
-    live = select_series(pa.concat_tables([unchanged.select(manifest_columns), fresh]), preferred_thickness_mm)
-    index = night_index(live, deleted, run_id, previous.schema)
-    return NightTables(index, plan_studies(index, scored, model_version, full=full), to_read, deleted.num_rows)
+    manifest_columns = [c for c in index_schema.names if c not in ("deleted", "run_id")]
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE _diff AS
+        SELECT l.uri, l.size, l.mtime, l.etag, p.uri AS prev_uri, p.study_uid AS prev_study, p.sop_uid AS prev_sop
+        FROM listing l FULL OUTER JOIN (SELECT uri, size, mtime, etag, study_uid, sop_uid FROM previous) p ON p.uri = l.uri
+        WHERE l.uri IS NULL OR p.uri IS NULL OR NOT ({_UNCHANGED})""")
+    to_read = con.sql("SELECT uri, size, mtime, etag FROM _diff WHERE uri IS NOT NULL ORDER BY uri").to_arrow_table()
+    fresh = read_headers(to_read.cast(LISTING_SCHEMA)).select(manifest_columns)
+    con.register("_fresh", fresh)
+    # The studies and SOP UIDs whose rows can change tonight, closed over both (a duplicate SOP UID in an
+    # untouched study can flip which copy is kept): usually one round finds nothing more.
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE _studies AS
+        SELECT DISTINCT s AS study_uid FROM (SELECT prev_study AS s FROM _diff UNION ALL SELECT study_uid FROM _fresh)
+        WHERE s IS NOT NULL""")
+    con.execute("""
+        CREATE OR REPLACE TEMP TABLE _sops AS
+        SELECT DISTINCT s AS sop_uid FROM (SELECT prev_sop AS s FROM _diff UNION ALL SELECT sop_uid FROM _fresh)
+        WHERE s IS NOT NULL""")
+    while True:
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _hit AS SELECT DISTINCT study_uid, sop_uid FROM previous
+            WHERE study_uid IN (SELECT study_uid FROM _studies) OR sop_uid IN (SELECT sop_uid FROM _sops)""")
+        grown = con.execute("""
+            INSERT INTO _studies SELECT DISTINCT study_uid FROM _hit
+            WHERE study_uid IS NOT NULL AND study_uid NOT IN (SELECT study_uid FROM _studies)""").fetchall()[0][0]
+        grown += con.execute("""
+            INSERT INTO _sops SELECT DISTINCT sop_uid FROM _hit
+            WHERE sop_uid IS NOT NULL AND sop_uid NOT IN (SELECT sop_uid FROM _sops)""").fetchall()[0][0]
+        if not grown:
+            break
+    columns = ", ".join(f'"{c}"' for c in manifest_columns)
+    kept = con.sql(f"""
+        SELECT {columns} FROM previous
+        WHERE (study_uid IN (SELECT study_uid FROM _studies) OR sop_uid IN (SELECT sop_uid FROM _sops))
+          AND uri NOT IN (SELECT prev_uri FROM _diff WHERE prev_uri IS NOT NULL)""").to_arrow_table()
+    live = select_series(pa.concat_tables([kept.cast(fresh.schema), fresh]), preferred_thickness_mm)
+    con.register("_live", live)
+    index = con.sql("""
+        SELECT *, false AS deleted, $run AS run_id FROM _live
+        UNION ALL BY NAME
+        SELECT * REPLACE (true AS deleted, $run AS run_id) FROM previous
+        WHERE uri IN (SELECT prev_uri FROM _diff WHERE uri IS NULL)
+        ORDER BY deleted, uri""", params={"run": run_id}).to_arrow_table().select(index_schema.names).cast(index_schema)
+    con.register("_index", index)
+    touched = study_rows(index, run_id)
+    con.register("_touched", touched)
+    # Touched studies with no live object left are deleted; on the first night after an index without
+    # study rows, every study is written once.
+    backfill = not con.execute("SELECT count(*) FROM previous_studies").fetchall()[0][0]
+    studies = con.sql("""
+        SELECT * FROM _touched
+        UNION ALL BY NAME
+        SELECT $run AS run_id, study_uid, NULL AS fingerprint, 0 AS n_objects, 0 AS n_selected, true AS deleted
+        FROM _studies WHERE study_uid NOT IN (SELECT study_uid FROM _touched)
+            AND study_uid IN (SELECT study_uid FROM previous_studies UNION ALL SELECT study_uid FROM previous)
+        ORDER BY study_uid""", params={"run": run_id}).to_arrow_table().cast(STUDY_INDEX_SCHEMA)
+    if backfill:
+        untouched = con.sql("SELECT * FROM previous WHERE study_uid NOT IN (SELECT study_uid FROM _studies)").to_arrow_table()
+        studies = pa.concat_tables([studies, study_rows(untouched.cast(index_schema), run_id)]).sort_by("study_uid")
+    con.register("_study_rows", studies)
+    current = con.sql("""
+        SELECT study_uid, fingerprint, n_selected, deleted FROM previous_studies
+        WHERE study_uid NOT IN (SELECT study_uid FROM _study_rows)
+        UNION ALL BY NAME SELECT study_uid, fingerprint, n_selected, deleted FROM _study_rows""").to_arrow_table()
+    plan = plan_from_studies(current, con.sql("SELECT * FROM last_scored").to_arrow_table(), model_version, full=full)
+    con.register("_current", current)
+    con.register("_plan", plan)
+    objects, n_studies, slices = con.execute("""
+        SELECT (SELECT count(*) FROM listing),
+               (SELECT count(*) FROM _current WHERE NOT deleted AND n_selected > 0),
+               (SELECT coalesce(sum(n_selected), 0) FROM _current WHERE study_uid IN (SELECT study_uid FROM _plan))
+        """).fetchall()[0]
+    deleted = con.execute("SELECT count(*) FROM _diff WHERE uri IS NULL").fetchall()[0][0]
+    return NightTables(index, studies, plan, to_read, deleted,
+                       {"objects": objects, "studies": n_studies, "planned_slices": int(slices)})
+
+
+def planned_rows(con: duckdb.DuckDBPyConnection, night: NightTables) -> pa.Table:
+    """The index rows to score tonight (INDEX_SCHEMA, by URI): every live object of a planned study (from
+    tonight's rows for a touched study, else from ``previous`` in ``con``) and the new or changed objects
+    of no study, so each bad file is reported once, the night it appears."""
+    con.register("_night", night.index)
+    con.register("_plan", night.plan)
+    con.register("_read", night.read.select(["uri"]))
+    schema = night.index.schema
+    return con.sql("""
+        SELECT * FROM _night WHERE NOT deleted AND (study_uid IN (SELECT study_uid FROM _plan)
+                                                  OR (study_uid IS NULL AND uri IN (SELECT uri FROM _read)))
+        UNION ALL BY NAME
+        SELECT * FROM previous WHERE study_uid IN (SELECT study_uid FROM _plan)
+            AND study_uid NOT IN (SELECT study_uid FROM _night WHERE study_uid IS NOT NULL)
+        ORDER BY uri""").to_arrow_table().select(schema.names).cast(schema)

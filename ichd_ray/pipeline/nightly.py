@@ -3,13 +3,16 @@
 One night, under a lease on ``OUT/_lease.json`` (another run on the same OUT exits with code 75)::
 
     list the archive --diff against the last committed index (etag, else size + mtime)-->
-        unchanged objects keep their header row; new/changed ones are read (headers only, Ray tasks);
-        objects gone are kept with deleted = true
-    --series rule over the whole index--> per study a fingerprint of its live objects
-    --plan--> a study is scored when it is new, its fingerprint changed since its last committed score,
-              the model version differs from the one that scored it, or --full
-    --ScoringRun on the planned studies--> slices / studies / errors + index + scored, one commit
+        new/changed objects are read (headers only, Ray tasks); objects gone get a deleted = true row
+    --series rule over the touched studies only--> their fingerprints (index_studies rows)
+    --plan (latest row of every study vs latest_scored)--> a study is scored when it is new, its
+              fingerprint changed since its last committed score, the model version differs from the
+              one that scored it, or --full
+    --ScoringRun on the planned studies--> slices / studies / errors + index and index_studies (what
+              changed tonight: O(changes), not O(archive)) + scored, one commit
 
+The table work is :func:`ichd_ray.pipeline.incremental.plan_night` in DuckDB over the committed Parquet
+(views that overlay each night's changes on the newest compaction: :mod:`ichd_ray.pipeline.compact`).
 The run id is ``nightly-<UTC date>-<model version>`` (``--run-id`` overrides it). The first attempt of a
 run id stores its plan and index snapshot under ``OUT/plans/run_id=<id>/``; a re-run of the same id
 reuses them, so it scores the same studies and replaces its own output. Nothing is visible until the
@@ -22,6 +25,7 @@ import datetime as dt
 import io
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +40,8 @@ from ichd_ray.io import config_files, storage
 from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
 from ichd_ray.io.results import connect
 from ichd_ray.models.bundle import load_bundle_config
-from ichd_ray.pipeline.incremental import LISTING_SCHEMA, plan_night
+from ichd_ray.io.tables import STUDY_INDEX_SCHEMA
+from ichd_ray.pipeline.incremental import LISTING_SCHEMA, plan_night, planned_rows
 from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, to_arrow, write_manifest
 from ichd_ray.pipeline.score import ScoringRun
 
@@ -86,8 +91,10 @@ def nightly_run_id(model_version: str, now: dt.datetime | None = None) -> str:
 class NightlyPlan:
     run_id: str
     model_version: str
-    index: pa.Table  # INDEX_SCHEMA: every object tonight, deleted ones included
+    index: pa.Table  # INDEX_SCHEMA: tonight's changes (rows of touched studies, deleted = true per object gone)
+    studies: pa.Table  # STUDY_INDEX_SCHEMA: the touched studies' rows
     plan: pd.DataFrame
+    rows: pa.Table  # MANIFEST_SCHEMA: what tonight scores (every object of a planned study, new objects of none)
     new_objects: list[str]
     deleted_objects: int
     reused: bool
@@ -108,34 +115,42 @@ def _write_parquet(df: pd.DataFrame | pa.Table, uri: str, storage_config, schema
     storage.write_bytes(uri, sink.getvalue(), storage_config)
 
 
-def _committed(out_uri: str, storage_config) -> tuple[pa.Table, pa.Table | None, dict | None]:
-    """(last committed index, empty on the first night; latest committed scored row per study; newest
-    committed run) from OUT."""
-    if not storage.list_files(storage.join(out_uri, "runs"), config=storage_config):
-        return INDEX_SCHEMA.empty_table(), None, None
-    con = connect(out_uri, storage_config)
-    runs = con.sql("SELECT * FROM runs ORDER BY finished_at DESC").to_arrow_table().to_pandas()
-    previous_run = runs.iloc[0].to_dict() if len(runs) else None
-    index, scored = INDEX_SCHEMA.empty_table(), None
-    tables = set(con.sql("SELECT table_name FROM information_schema.tables").to_arrow_table().column(0).to_pylist())
+_EMPTY_SCORED = pa.schema([("study_uid", pa.string()), ("fingerprint", pa.string()), ("model_version", pa.string())])
+
+
+def _committed(out_uri: str, storage_config, memory_gb: float) -> tuple[duckdb.DuckDBPyConnection, dict | None]:
+    """A DuckDB connection holding what :func:`plan_night` reads from OUT (``previous``: the last
+    committed index's live rows, ``previous_studies``, ``last_scored``; views over the committed Parquet,
+    read lazily), and the newest committed nightly run."""
+    first_night = not storage.list_files(storage.join(out_uri, "runs"), config=storage_config)
+    con = duckdb.connect() if first_night else connect(out_uri, storage_config)
+    # A night's joins and window functions spill to disk past this, instead of growing the driver.
+    con.execute(f"SET memory_limit = '{memory_gb:g}GB'")
+    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/ichd-ray-duckdb'")
+    tables = set() if first_night else set(
+        con.sql("SELECT table_name FROM information_schema.tables").to_arrow_table().column(0).to_pylist())
+    columns = ", ".join(f'"{c}"' for c in INDEX_SCHEMA.names)
     if "latest_index" in tables:
-        columns = ", ".join(f'"{c}"' for c in INDEX_SCHEMA.names)
-        index = con.sql(f"SELECT {columns} FROM latest_index").to_arrow_table().cast(INDEX_SCHEMA)
+        con.execute(f"CREATE TEMP VIEW previous AS SELECT {columns} FROM latest_index WHERE NOT deleted")
+    else:
+        con.register("previous", INDEX_SCHEMA.empty_table())
+    if "latest_study_index" in tables:
+        con.execute("CREATE TEMP VIEW previous_studies AS SELECT * FROM latest_study_index")
+    else:
+        con.register("previous_studies", STUDY_INDEX_SCHEMA.empty_table())
     if "latest_scored" in tables:
-        scored = con.sql("SELECT study_uid, fingerprint, model_version FROM latest_scored").to_arrow_table()
-    return index, scored, previous_run
+        con.execute("CREATE TEMP VIEW last_scored AS SELECT study_uid, fingerprint, model_version FROM latest_scored")
+    else:
+        con.register("last_scored", _EMPTY_SCORED.empty_table())
+    previous_run = None
+    if not first_night:
+        runs = con.sql("SELECT * FROM runs WHERE kind IS DISTINCT FROM 'compaction' ORDER BY finished_at DESC LIMIT 1")
+        found = runs.to_arrow_table().to_pylist()
+        previous_run = found[0] if found else None
+    return con, previous_run
 
 
-def _counts(index: pa.Table, plan: pd.DataFrame) -> dict[str, int]:
-    """Objects and studies in the archive tonight, and the slices of the planned studies."""
-    con = duckdb.connect()
-    con.register("idx", index.select(["uri", "study_uid", "selected", "deleted"]))
-    con.register("planned", pa.table({"study_uid": pa.array(plan["study_uid"].tolist(), pa.string())}))
-    objects, studies, slices = con.execute("""
-        SELECT count(*) FILTER (NOT deleted), count(DISTINCT study_uid) FILTER (selected AND NOT deleted),
-               count(*) FILTER (selected AND NOT deleted AND study_uid IN (SELECT study_uid FROM planned))
-        FROM idx""").fetchone()  # execute: a cursor result (relations keep none)
-    return {"objects": objects, "studies": studies, "planned_slices": slices}
+_PLAN_FILES = ("index.parquet", "studies.parquet", "manifest.parquet", "meta.json", "plan.parquet")
 
 
 def make_plan(
@@ -153,19 +168,22 @@ def make_plan(
     bundle_config, _ = load_bundle_config(bundle_uri, storage_config)
     model_version = bundle_config.version_id
     run_id = run_id or nightly_run_id(model_version, now)
-    previous_index, scored, previous_run = _committed(out_uri, storage_config)
+    con, previous_run = _committed(out_uri, storage_config, job.index.table_memory_gb)
     plan_prefix = storage.join(out_uri, "plans", f"run_id={run_id}")
-    if storage.exists(storage.join(plan_prefix, "plan.parquet"), storage_config):
+    if all(storage.exists(storage.join(plan_prefix, f), storage_config) for f in _PLAN_FILES):
         # A re-run of this night: the same studies as the first attempt, whatever changed since.
-        index = _read_parquet(storage.join(plan_prefix, "index.parquet"), storage_config).cast(INDEX_SCHEMA)
-        plan = _read_parquet(storage.join(plan_prefix, "plan.parquet"), storage_config).to_pandas()
         meta = json.loads(storage.read_bytes(storage.join(plan_prefix, "meta.json"), storage_config))
-        return NightlyPlan(run_id, model_version, index, plan, meta["new_objects"], meta["deleted_objects"], True, previous_run,
-                           counts=_counts(index, plan))
+        return NightlyPlan(
+            run_id, model_version,
+            _read_parquet(storage.join(plan_prefix, "index.parquet"), storage_config).cast(INDEX_SCHEMA),
+            _read_parquet(storage.join(plan_prefix, "studies.parquet"), storage_config).cast(STUDY_INDEX_SCHEMA),
+            _read_parquet(storage.join(plan_prefix, "plan.parquet"), storage_config).to_pandas(),
+            to_arrow(read_manifest(storage.join(plan_prefix, "manifest.parquet"), storage_config)),
+            meta["new_objects"], meta["deleted_objects"], True, previous_run, counts=meta["counts"])
 
     entries = list_inputs(archive_uri, job.index, storage_config)
-    listing = pa.Table.from_pylist([{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries],
-                                   schema=LISTING_SCHEMA)
+    con.register("listing", pa.Table.from_pylist(
+        [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries], schema=LISTING_SCHEMA))
     retries = []
 
     def read_headers(rows: pa.Table) -> pa.Table:
@@ -173,12 +191,13 @@ def make_plan(
         retries.append(fresh.attrs["storage_retries"])
         return to_arrow(fresh)
 
-    night = plan_night(previous_index, listing, scored, read_headers, model_version=model_version, run_id=run_id,
+    night = plan_night(con, read_headers, model_version=model_version, run_id=run_id, index_schema=INDEX_SCHEMA,
                        preferred_thickness_mm=job.index.preferred_thickness_mm, full=full)
-    plan = night.plan.to_pandas()
     return NightlyPlan(
-        run_id, model_version, night.index, plan, night.read.column("uri").to_pylist(), night.deleted, False, previous_run,
-        counts=_counts(night.index, plan), storage_retries=sum(retries),
+        run_id, model_version, night.index, night.studies, night.plan.to_pandas(),
+        planned_rows(con, night).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA),
+        night.read.column("uri").to_pylist(), night.deleted, False, previous_run,
+        counts=night.counts, storage_retries=sum(retries),
     )
 
 
@@ -244,32 +263,24 @@ def nightly(
     with LeaseKeeper(lease_uri(out_uri), ttl=lease_ttl or DEFAULT_TTL, storage_config=sc) as keeper:
         plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now)
         plan_prefix = storage.join(out_uri, "plans", f"run_id={plan.run_id}")
-        if not plan.reused:  # written before any scoring: a re-run of this id repeats exactly this plan
-            _write_parquet(plan.index, storage.join(plan_prefix, "index.parquet"), sc, INDEX_SCHEMA)
+        manifest_uri = storage.join(plan_prefix, "manifest.parquet")
+        if not plan.reused:  # written before any scoring, plan.parquet last: a re-run repeats exactly this plan
+            _write_parquet(plan.index, storage.join(plan_prefix, "index.parquet"), sc)
+            _write_parquet(plan.studies, storage.join(plan_prefix, "studies.parquet"), sc)
+            write_manifest(plan.rows, manifest_uri, sc)
             storage.write_bytes(
                 storage.join(plan_prefix, "meta.json"),
-                json.dumps({"new_objects": plan.new_objects, "deleted_objects": plan.deleted_objects}).encode(),
+                json.dumps({"new_objects": plan.new_objects, "deleted_objects": plan.deleted_objects,
+                            "counts": plan.counts}).encode(),
                 sc,
             )
             _write_parquet(plan.plan, storage.join(plan_prefix, "plan.parquet"), sc)
-
-        # Inputs of this run: every object of a planned study, plus new/changed objects that belong to no
-        # study (so each bad file is reported once, the night it appears).
-        con = duckdb.connect()
-        con.register("idx", plan.index)
-        con.register("planned", pa.table({"study_uid": pa.array(plan.plan["study_uid"].tolist(), pa.string())}))
-        con.register("new", pa.table({"uri": pa.array(plan.new_objects, pa.string())}))
-        rows = con.sql("""
-            SELECT * FROM idx WHERE NOT deleted AND (study_uid IN (SELECT study_uid FROM planned)
-                                                     OR (study_uid IS NULL AND uri IN (SELECT uri FROM new)))
-            ORDER BY uri""").to_arrow_table()
-        manifest_uri = storage.join(plan_prefix, "manifest.parquet")
-        write_manifest(rows.select(MANIFEST_SCHEMA.names), manifest_uri, sc)
         scored = plan.plan.assign(run_id=plan.run_id, model_version=plan.model_version)[SCORED_TABLE_SCHEMA.names]
         run = ScoringRun(bundle_uri, out_uri, job=job, run_id=plan.run_id, progress=progress, storage_config=sc,
                          max_reject_fraction=max_reject_fraction, kind="nightly", storage_retries=plan.storage_retries)
         done = run.score(read_manifest(manifest_uri, sc))
-        run.write_table("index", plan.index)  # every row is this run's (make_plan), a re-run's too
+        run.write_table("index", plan.index)  # tonight's changes; every row is this run's, a re-run's too
+        run.write_table("index_studies", plan.studies)
         # Only studies that got a prediction count as scored: a failed one stays due.
         run.write_table("scored", pa.Table.from_pandas(scored[scored["study_uid"].isin(done.study_uids)],
                                                        schema=SCORED_TABLE_SCHEMA, preserve_index=False))
