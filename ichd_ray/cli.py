@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--out", required=True, help="output prefix (tables, index, runs, lease)")
     nightly.add_argument("--run-id", help="default: nightly-<UTC date>-<model version>; a re-run replaces its own output")
     nightly.add_argument("--full", action="store_true", help="score every study, changed or not")
+    nightly.add_argument("--inventory", metavar="MANIFEST_JSON",
+                         help="tonight's listing from an S3 Inventory report (its manifest.json: CSV, Parquet or ORC) "
+                              "instead of listing the archive; refused when older than the last committed run")
     nightly.add_argument("--dry-run", action="store_true", help="print the plan (studies, reasons, estimated time); change nothing")
     nightly.add_argument("--max-reject-fraction", type=_fraction, default=0.05,
                          help="commit the run as failed (exit 1) above this fraction of rejected inputs (default 0.05)")
@@ -415,6 +418,7 @@ def _nightly(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ichd-ray nightly: {exc}", file=sys.stderr)
         return 2
+    from ichd_ray.io.inventory import InventoryError  # lazy, as the imports below (start-up)
     from ichd_ray.io.lease import LeaseHeld
     from ichd_ray.models.bundle import BundleError
     from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, format_plan, nightly
@@ -427,12 +431,12 @@ def _nightly(args: argparse.Namespace) -> int:
         result = nightly(
             args.archive, args.model, args.out, job=job, run_id=args.run_id, full=args.full, dry_run=args.dry_run,
             max_reject_fraction=args.max_reject_fraction, lease_ttl=dt.timedelta(seconds=args.lease_ttl),
-            progress=not args.no_progress,
+            progress=not args.no_progress, inventory_uri=args.inventory,
         )
     except LeaseHeld as exc:
         print(f"ichd-ray nightly: {exc}; another run is writing {args.out}: not starting (exit {EXIT_LEASE_HELD})", file=sys.stderr)
         return EXIT_LEASE_HELD
-    except (ConfigError, BundleError) as exc:
+    except (ConfigError, BundleError, InventoryError) as exc:
         print(f"ichd-ray nightly: {exc}", file=sys.stderr)
         return 2
     print(format_plan(result.plan))

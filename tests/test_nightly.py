@@ -8,9 +8,12 @@ import shutil
 import pandas as pd
 import pytest
 
+from inventory_factory import write_inventory
 from ichd_ray.io import storage
+from ichd_ray.io.inventory import InventoryError
 from ichd_ray.config.job import JobConfig
 from ichd_ray.models.bundle import init_bundle
+from ichd_ray.pipeline.index import EmptyInput
 from ichd_ray.pipeline.nightly import EXIT_LEASE_HELD, nightly
 from ichd_ray.io.results import query
 from ichd_ray.synthetic.generate import SynthConfig, generate
@@ -230,6 +233,20 @@ def test_nightly_on_s3(ray_session, bundles, s3_bucket, monkeypatch):
         storage.write_bytes(entry.uri.replace("/incoming/", "/archive/"), storage.read_bytes(entry.uri, config), config)
     third = nightly(archive, v1, out, now=night(3), **run)
     assert third.plan.plan["reason"].tolist() == ["new"]
+
+    # The same night from an S3 Inventory report of the bucket (as AWS lays it out): the same objects, so
+    # nothing to read or score; a report made before the last run started is refused (it would miss what
+    # changed since), and so is one that lists nothing under the archive.
+    inventory = write_inventory(config, bucket, bucket, dest_prefix="inventory", fmt="Parquet", files=2)
+    again = nightly(archive, v1, out, now=night(3), run_id="from-inventory", inventory_uri=inventory.manifest_uri, **run)
+    assert again.plan.plan.empty and not again.plan.new_objects and again.plan.deleted_objects == 0
+    assert again.plan.counts["objects"] == third.plan.counts["objects"]
+    stale = write_inventory(config, bucket, bucket, dest_prefix="inventory-old", created=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    with pytest.raises(InventoryError, match="before the last committed run started"):
+        nightly(archive, v1, out, now=night(3), run_id="stale", inventory_uri=stale.manifest_uri, **run)
+    empty = write_inventory(config, bucket, bucket, dest_prefix="inventory-empty", objects=[])
+    with pytest.raises(EmptyInput, match="lists no objects"):
+        nightly(archive, v1, out, now=night(3), run_id="empty", inventory_uri=empty.manifest_uri, **run)
 
     # Another run holds the lease: this one stops before doing anything.
     held = acquire(f"{out}/_lease.json", holder="cron-pod-7", storage_config=config)

@@ -27,7 +27,7 @@ it into place with ``os.replace``, so readers never see a half-written file, as 
 only appears once its upload completes. The temporary files end in :data:`TEMP_SUFFIX` and are skipped
 by :func:`list_files`.
 
-Why one module of ~900 lines: it is the project's single door to storage; the local and S3 backends
+Why one module of ~1,100 lines: it is the project's single door to storage; the local and S3 backends
 share the URI rules, atomic-write and retry policy and the error mapping that callers rely on being
 the same on both.
 """
@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
@@ -833,8 +834,8 @@ def _list_s3(path: str, recursive: bool, uri: str, config: StorageConfig | None)
     try:
         for page in client.get_paginator("list_objects_v2").paginate(**params):
             for obj in page.get("Contents", ()):
-                if obj["Key"].endswith("/"):
-                    continue  # directory marker
+                if obj["Key"].endswith(("/", TEMP_SUFFIX)):
+                    continue  # a directory marker, or the temporary of an in-flight write
                 out.append(_s3_entry(bucket, obj["Key"], obj["Size"], obj.get("LastModified"), obj.get("ETag")))
         if not out and key and not key.endswith("/"):
             try:
@@ -856,6 +857,179 @@ def _s3_entry(bucket: str, key: str, size: int, last_modified: Any, etag: str | 
         mtime=last_modified.timestamp() if last_modified is not None else None,
         etag=etag.strip('"') if etag else None,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing one level, and one prefix as Arrow (the pieces behind ichd_ray.pipeline.listing's fan-out)
+# --------------------------------------------------------------------------------------------------
+
+__all__ += ["FILE_TABLE_SCHEMA", "directory_uri", "list_level", "list_files_table", "files_table"]
+
+#: The columns of :func:`files_table` and :func:`list_files_table`: one row per :class:`FileEntry`
+#: (``mtime`` epoch seconds, ``etag`` without quotes); the same as the nightly listing's schema.
+FILE_TABLE_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()), ("etag", pa.string())])
+
+
+def directory_uri(prefix_uri: UriLike) -> str:
+    """The prefix as :func:`list_files` reads it, in the literal form :func:`list_level` and
+    :func:`list_files_table` take: an S3 prefix ends in exactly the ``/`` list_files adds
+    (``s3://b/x``, ``s3://b/x/`` and ``s3://b/x//`` all give ``s3://b/x/``; a bucket gives ``s3://b/``).
+    Local URIs are returned as written (local paths are normalised when opened).
+
+    Args:
+        prefix_uri: Directory or prefix URI (local path, ``file://`` or ``s3://``).
+
+    Returns:
+        str: The URI.
+    """
+    text = os.fspath(prefix_uri)
+    scheme, path = parse_uri(text)
+    if scheme == "file":
+        return text
+    bucket, key = _split_s3(path)
+    return f"s3://{bucket}/" + (key.rstrip("/") + "/" if key.strip("/") else "")
+
+
+def list_level(prefix_uri: UriLike, config: StorageConfig | None = None) -> tuple[list[FileEntry], list[str]]:
+    """One level of a listing: the files directly under a prefix, and its child prefixes.
+
+    On S3 that is one delimiter listing (``Delimiter='/'``, paginated: objects and CommonPrefixes both
+    come 1,000 per page); locally one ``scandir``. The rules are :func:`list_files`'s: directory markers
+    and the temporaries of in-flight local writes are skipped, directory symlinks are not children
+    (never followed), and a local path that is a file gives that one entry. A prefix ending in ``/`` is
+    taken literally, as the child prefixes this returns are (S3 keys may hold empty segments: the
+    children of ``x/`` can include ``x//``, which must not be read as ``x/``); pass the top of a tree
+    through :func:`directory_uri` first.
+
+    Args:
+        prefix_uri: Directory or prefix URI (local path, ``file://`` or ``s3://``).
+        config: S3 settings; None means :meth:`StorageConfig.from_env`.
+
+    Returns:
+        tuple[list[FileEntry], list[str]]: The files at this level, sorted by URI, and the child
+        prefixes as URIs ending in ``/``, sorted; together with the children's recursive listings they
+        are exactly ``list_files(prefix_uri)``'s rows.
+
+    Raises:
+        FileNotFoundError: The S3 bucket does not exist.
+        PermissionError: Access denied.
+        StorageUnavailable: S3 kept failing after retries. A level is never returned in part.
+    """
+    text = os.fspath(prefix_uri)
+    scheme, path = parse_uri(text)
+    if scheme == "file":
+        style = _local_style(text)
+        entries = _list_local(path, False, style)
+        children = []
+        try:
+            it = os.scandir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            it = None  # missing prefix, or a file (its one entry is above)
+        if it is not None:
+            with it:
+                for entry in it:
+                    try:
+                        # The directories _list_local descends into: not directory symlinks (cycles).
+                        if entry.is_dir() and not entry.is_symlink():
+                            children.append(_local_uri(entry.path, style) + "/")
+                    except FileNotFoundError:
+                        continue  # removed while scanning
+    else:
+        bucket, key = _split_s3(path)
+        entries, children = [], []
+        for page in _s3_list_pages(bucket, _literal_prefix(key), text, config, delimiter="/"):
+            entries += _s3_page_entries(bucket, page)
+            children += [f"s3://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", ())]
+    entries.sort(key=lambda e: e.uri)
+    children.sort()
+    return entries, children
+
+
+def list_files_table(prefix_uri: UriLike, config: StorageConfig | None = None) -> pa.Table:
+    """``list_files(prefix_uri)`` (recursive, no suffix filter) as an Arrow table, sorted by URI.
+
+    Arrow, because a Ray task listing part of a 40-million-object archive hands back four columns in
+    one buffer each, not a Python object per file. A prefix ending in ``/`` is taken literally (see
+    :func:`list_level`); any other form follows :func:`list_files` exactly, single-object case included.
+
+    Args:
+        prefix_uri: Directory or prefix URI (local path, ``file://`` or ``s3://``).
+        config: S3 settings; None means :meth:`StorageConfig.from_env`.
+
+    Returns:
+        pyarrow.Table: :data:`FILE_TABLE_SCHEMA` rows.
+
+    Raises:
+        FileNotFoundError: The S3 bucket does not exist.
+        PermissionError: Access denied.
+        StorageUnavailable: S3 kept failing after retries. A listing is never returned in part.
+    """
+    text = os.fspath(prefix_uri)
+    scheme, path = parse_uri(text)
+    if scheme == "file":
+        entries = _list_local(path, True, _local_style(text))
+    else:
+        bucket, key = _split_s3(path)
+        if key.endswith("/"):
+            entries = []
+            for page in _s3_list_pages(bucket, key, text, config):
+                entries += _s3_page_entries(bucket, page)
+        else:
+            entries = _list_s3(path, True, text, config)
+    return files_table(entries).sort_by("uri")
+
+
+def files_table(entries: list[FileEntry]) -> pa.Table:
+    """File entries as an Arrow table of :data:`FILE_TABLE_SCHEMA`, in the order given.
+
+    Args:
+        entries: What :func:`list_files` or :func:`list_level` returned.
+
+    Returns:
+        pyarrow.Table: One row per entry.
+    """
+    return pa.table(
+        [
+            pa.array([e.uri for e in entries], pa.string()),
+            pa.array([e.size for e in entries], pa.int64()),
+            pa.array([e.mtime for e in entries], pa.float64()),
+            pa.array([e.etag for e in entries], pa.string()),
+        ],
+        schema=FILE_TABLE_SCHEMA,
+    )
+
+
+def _literal_prefix(key: str) -> str:
+    """list_files's prefix rule, except that a key ending in ``/`` is kept as it is (see list_level)."""
+    if key.endswith("/"):
+        return key
+    return key + "/" if key else ""
+
+
+def _s3_list_pages(bucket: str, prefix: str, uri: str, config: StorageConfig | None, delimiter: str | None = None):
+    """ListObjectsV2 pages under an exact key prefix, through the one client (and retry policy) of this
+    module; errors are translated as everywhere here, naming ``uri``."""
+    params: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if delimiter is not None:
+        params["Delimiter"] = delimiter
+    try:
+        page: dict[str, Any] = {}
+        for page in boto3_client(config).get_paginator("list_objects_v2").paginate(**params):
+            yield page
+        if page.get("IsTruncated") and not page.get("NextContinuationToken"):
+            # The paginator ends quietly on a truncated page without a token. A listing cut short would
+            # make a nightly diff mark the missing objects deleted: fail instead.
+            raise OSError(f"S3 listing of {uri} was cut short: a truncated page carried no continuation token")
+    except _s3_errors() as exc:
+        raise _translate_s3_error(exc, uri) from None
+
+
+def _s3_page_entries(bucket: str, page: dict[str, Any]) -> list[FileEntry]:
+    return [
+        _s3_entry(bucket, obj["Key"], obj["Size"], obj.get("LastModified"), obj.get("ETag"))
+        for obj in page.get("Contents", ())
+        if not obj["Key"].endswith(("/", TEMP_SUFFIX))  # a directory marker, or an in-flight temporary
+    ]
 
 
 def delete_prefix(prefix_uri: UriLike, config: StorageConfig | None = None) -> int:

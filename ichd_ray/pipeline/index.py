@@ -32,11 +32,14 @@ from ichd_ray.config.job import IndexConfig
 from ichd_ray.dicom.read import DicomError, IncompleteHeader, read_header, slice_normal
 from ichd_ray.io import storage
 from ichd_ray.pipeline import incremental
+from ichd_ray.pipeline.incremental import LISTING_SCHEMA
+from ichd_ray.pipeline.listing import list_archive
 
 __all__ = [
     "MANIFEST_SCHEMA",
     "EmptyInput",
     "list_inputs",
+    "list_inputs_table",
     "read_headers",
     "read_headers_on_ray",
     "excluded_rows",
@@ -96,6 +99,22 @@ def list_inputs(
         # succeeded run, and a nightly would mark every study of the archive deleted.
         raise EmptyInput(f"no objects under {input_uri}: check the prefix (and that these credentials can list it)")
     return entries
+
+
+def list_inputs_table(
+    input_uri: str, config: IndexConfig, storage_config: storage.StorageConfig | None = None
+) -> pa.Table:
+    """:func:`list_inputs` as a :data:`ichd_ray.pipeline.incremental.LISTING_SCHEMA` table; a prefix is
+    listed in parallel over its key prefixes (:func:`ichd_ray.pipeline.listing.list_archive`), with the
+    same refusal of an empty listing."""
+    if input_uri.endswith((".txt", ".parquet")) and not input_uri.endswith("/") and storage.exists(input_uri, storage_config):
+        entries = list_inputs(input_uri, config, storage_config)  # a file naming the objects
+        return pa.Table.from_pylist([{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries],
+                                    schema=LISTING_SCHEMA)
+    table = list_archive(input_uri, storage_config)
+    if table.num_rows == 0:  # an empty listing would mark every object of the archive deleted
+        raise EmptyInput(f"no objects under {input_uri}: check the prefix (and that these credentials can list it)")
+    return table
 
 
 def is_excluded(uri: str, exclude_suffixes) -> bool:

@@ -41,8 +41,9 @@ from ichd_ray.io.lease import DEFAULT_TTL, LeaseKeeper, lease_uri
 from ichd_ray.io.results import connect
 from ichd_ray.models.bundle import load_bundle_config
 from ichd_ray.io.tables import STUDY_INDEX_SCHEMA
-from ichd_ray.pipeline.incremental import LISTING_SCHEMA, plan_night, planned_rows
-from ichd_ray.pipeline.index import MANIFEST_SCHEMA, list_inputs, read_headers_on_ray, read_manifest, to_arrow, write_manifest
+from ichd_ray.pipeline.incremental import plan_night, planned_rows
+from ichd_ray.io.inventory import check_fresh, read_inventory
+from ichd_ray.pipeline.index import MANIFEST_SCHEMA, EmptyInput, list_inputs_table, read_headers_on_ray, read_manifest, to_arrow, write_manifest
 from ichd_ray.pipeline.score import ScoringRun
 
 __all__ = [
@@ -163,8 +164,11 @@ def make_plan(
     full: bool = False,
     storage_config: storage.StorageConfig | None = None,
     now: dt.datetime | None = None,
+    inventory_uri: str | None = None,
 ) -> NightlyPlan:
-    """Index the archive incrementally and decide what to score (writes nothing)."""
+    """Index the archive incrementally and decide what to score (writes nothing). With ``inventory_uri``
+    (an S3 Inventory report's ``manifest.json``) tonight's listing is that report, refused when it is
+    older than the last committed run; else the archive is listed (in parallel over its prefixes)."""
     bundle_config, _ = load_bundle_config(bundle_uri, storage_config)
     model_version = bundle_config.version_id
     run_id = run_id or nightly_run_id(model_version, now)
@@ -181,9 +185,15 @@ def make_plan(
             to_arrow(read_manifest(storage.join(plan_prefix, "manifest.parquet"), storage_config)),
             meta["new_objects"], meta["deleted_objects"], True, previous_run, counts=meta["counts"])
 
-    entries = list_inputs(archive_uri, job.index, storage_config)
-    con.register("listing", pa.Table.from_pylist(
-        [{"uri": e.uri, "size": e.size, "mtime": e.mtime, "etag": e.etag} for e in entries], schema=LISTING_SCHEMA))
+    if inventory_uri:
+        inventory = read_inventory(inventory_uri, archive_uri, storage_config)
+        check_fresh(inventory, previous_run["started_at"] if previous_run else None)
+        if not inventory.listing.num_rows:  # as for a listing: never mark a whole archive deleted
+            raise EmptyInput(f"inventory {inventory_uri} lists no objects under {archive_uri}")
+        listing = inventory.listing
+    else:
+        listing = list_inputs_table(archive_uri, job.index, storage_config)  # Ray tasks over key prefixes
+    con.register("listing", listing)
     retries = []
 
     def read_headers(rows: pa.Table) -> pa.Table:
@@ -247,6 +257,7 @@ def nightly(
     storage_config: storage.StorageConfig | None = None,
     now: dt.datetime | None = None,
     progress: bool = False,
+    inventory_uri: str | None = None,
 ) -> NightlyResult:
     """One night (Ray must be initialised). Raises :class:`ichd_ray.io.lease.LeaseHeld` when another run
     holds OUT's lease; a dry run takes no lease and writes nothing. The lease is a heartbeat: ``lease_ttl``
@@ -256,12 +267,14 @@ def nightly(
     sc = storage_config or config_files.storage_config(job.storage)
     started = time.perf_counter()
     if dry_run:
-        plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now)
+        plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now,
+                         inventory_uri=inventory_uri)
         plan.estimated_seconds = _estimate_seconds(plan)
         return NightlyResult(plan, None, time.perf_counter() - started)
 
     with LeaseKeeper(lease_uri(out_uri), ttl=lease_ttl or DEFAULT_TTL, storage_config=sc) as keeper:
-        plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now)
+        plan = make_plan(archive_uri, bundle_uri, out_uri, job=job, run_id=run_id, full=full, storage_config=sc, now=now,
+                         inventory_uri=inventory_uri)
         plan_prefix = storage.join(out_uri, "plans", f"run_id={plan.run_id}")
         manifest_uri = storage.join(plan_prefix, "manifest.parquet")
         if not plan.reused:  # written before any scoring, plan.parquet last: a re-run repeats exactly this plan
