@@ -201,7 +201,11 @@ def _run_tasks(chunks: list[list[str]], storage_config: storage.StorageConfig | 
                 table, n = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 for other in pending:
-                    ray.cancel(other)
+                    # force: the worker process is killed and replaced. A plain cancel raises
+                    # KeyboardInterrupt inside the task, which can land mid-import and leave the reused
+                    # worker with a half-imported module (seen: "module 'pandas' has no attribute 'core'"
+                    # in every later Ray Data task of the session).
+                    ray.cancel(other, force=True)
                 failure = storage.task_storage_error(exc)
                 if failure is not None:
                     raise failure from None  # storage's message names the prefix that failed
